@@ -1,0 +1,335 @@
+"""SD-LoRA on a frozen timm Vision Transformer, as an Avalanche dynamic module.
+
+For every targeted projection p the network uses ``W^p = W0^p + sum_i beta_i * alpha_i * D_i^p`` over
+the active adapters (DESIGN.md). Avalanche's model adaptation grows the model: one adapter per training
+experience and a linear head over every class seen so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from avalanche.benchmarks import CLExperience
+from avalanche.models import DynamicModule, IncrementalClassifier
+from torch import Tensor, nn
+
+from avalanche_sdlora.adapters import QKV_LETTERS, LoRAQKV, direction_norms
+from avalanche_sdlora.gate import GumbelGate
+
+__all__ = ["SDLoRAViT"]
+
+
+def _check_backbone(backbone: nn.Module) -> None:
+    expected = (
+        "expected a timm VisionTransformer: .blocks[i].attn.qkv fused nn.Linear layers, "
+        "forward_features(), forward_head() and num_features"
+    )
+    blocks = getattr(backbone, "blocks", None)
+    if not isinstance(blocks, nn.Module) or len(list(blocks.children())) == 0:
+        raise TypeError(f"{type(backbone).__name__} has no ViT blocks; {expected}")
+    for index, block in enumerate(blocks.children()):
+        qkv = getattr(getattr(block, "attn", None), "qkv", None)
+        if isinstance(qkv, LoRAQKV):
+            raise TypeError(f"block {index} already has adapters: wrap a bare backbone once")
+        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
+            raise TypeError(f"block {index} has no fused attn.qkv linear (got {qkv!r}); {expected}")
+    for name in ("forward_features", "forward_head", "num_features"):
+        if not hasattr(backbone, name):
+            raise TypeError(f"{type(backbone).__name__} has no {name}; {expected}")
+
+
+def _check_targets(targets: str) -> str:
+    if not isinstance(targets, str):
+        raise TypeError(f"targets must be a string of letters from 'qkv', got {targets!r}")
+    unknown = sorted(set(targets) - set(QKV_LETTERS))
+    if unknown or not targets or len(set(targets)) != len(targets):
+        raise ValueError(
+            f"targets must be distinct letters from 'q', 'k', 'v' (e.g. 'qv'), got {targets!r}"
+        )
+    return targets
+
+
+def _check_blocks(blocks: Iterable[int] | None, num_blocks: int) -> list[int]:
+    if blocks is None:
+        return list(range(num_blocks))
+    chosen = list(blocks)
+    if not chosen:
+        raise ValueError("blocks must name at least one block (or be None for all)")
+    for index in chosen:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"block indices must be ints, got {index!r}")
+        if not 0 <= index < num_blocks:
+            raise ValueError(f"block index {index} is out of range 0..{num_blocks - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"block indices must be distinct, got {chosen}")
+    return sorted(chosen)
+
+
+class SDLoRAViT(DynamicModule):
+    """A frozen timm ViT with SD-LoRA adapters on its fused ``qkv`` and a growing linear head.
+
+    Args:
+        backbone: a timm ``VisionTransformer`` (or any model with the same ``blocks[i].attn.qkv``
+            layout). It is frozen and modified in place: its classifier is removed and every chosen
+            ``attn.qkv`` becomes a :class:`~avalanche_sdlora.adapters.LoRAQKV`.
+        rank: rank r of every adapter.
+        targets: the slices of ``qkv`` that get adapters, letters from ``"qkv"``.
+        blocks: indices of the blocks that get adapters; ``None`` for all.
+        gate: ``True`` for the Gumbel-Sparsemax gate; ``False`` is plain SD-LoRA (every beta 1).
+        init_logit, alpha_init, tau_final: see :class:`~avalanche_sdlora.gate.GumbelGate`.
+        initial_classes: size of the head before the first experience.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        rank: int = 10,
+        targets: str = "qv",
+        blocks: Iterable[int] | None = None,
+        gate: bool = True,
+        init_logit: float = 0.0,
+        alpha_init: float = 1.0,
+        tau_final: float = 0.5,
+        initial_classes: int = 2,
+    ):
+        _check_backbone(backbone)
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int >= 1, got {rank!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        targets = _check_targets(targets)
+        adapted_blocks = _check_blocks(blocks, len(list(backbone.blocks.children())))
+        super().__init__()
+        backbone.requires_grad_(False)
+        if hasattr(backbone, "reset_classifier"):
+            backbone.reset_classifier(0)
+        block_list = list(backbone.blocks.children())
+        for index in adapted_blocks:
+            attn = block_list[index].attn
+            attn.qkv = LoRAQKV(attn.qkv, rank, targets)
+        self.backbone = backbone
+        self.rank = rank
+        self.targets = "".join(letter for letter in QKV_LETTERS if letter in targets)
+        self.adapted_blocks = adapted_blocks
+        self.gate_enabled = bool(gate)
+        self.gate = GumbelGate(init_logit=init_logit, alpha_init=alpha_init, tau_final=tau_final)
+        self.head = IncrementalClassifier(
+            backbone.num_features, initial_out_features=initial_classes, auto_adapt=False
+        )
+        self.register_buffer("consolidated", torch.zeros(0, dtype=torch.bool))
+        self.generator: torch.Generator | None = None
+        """Source of the Gumbel noise; ``None`` uses torch's global generator (checkpointed)."""
+        self.last_beta: Tensor | None = None
+        """The beta of the last training forward, with its graph (for the sparsity regulariser)."""
+        self._merge_key: tuple | None = None
+        self.register_load_state_dict_post_hook(SDLoRAViT._sync_trainable_after_load)
+        self.to(next(backbone.parameters()).device)
+
+    # ----------------------------------------------------------------- structure
+
+    @property
+    def qkv_modules(self) -> list[LoRAQKV]:
+        """The adapted ``qkv`` layers, in block order."""
+        return [m for m in self.backbone.modules() if isinstance(m, LoRAQKV)]
+
+    @property
+    def num_adapters(self) -> int:
+        """Adapters ever added, pruned ones included."""
+        return self.gate.num_adapters
+
+    @property
+    def num_active_adapters(self) -> int:
+        """Adapters used by the forward pass (not pruned)."""
+        return len(self.gate.active_indices)
+
+    @property
+    def pending_adapters(self) -> list[int]:
+        """Active adapters not yet consolidated: the one being trained, if any."""
+        return [i for i in self.gate.active_indices if not self.consolidated[i]]
+
+    def adaptation(self, experience: CLExperience) -> None:
+        """Avalanche's hook: a new adapter for a training experience; the head grows to its classes."""
+        if self.training:
+            self.add_adapter()
+        self.head.adaptation(experience)
+
+    def add_adapter(self) -> int:
+        """Consolidate any adapter still in training, then add a new one (B = 0: output unchanged)."""
+        self.consolidate()
+        return self._grow_adapter()
+
+    def _grow_adapter(self) -> int:
+        for module in self.qkv_modules:
+            module.add_adapter()
+        self.consolidated = torch.cat([self.consolidated, self.consolidated.new_zeros(1)])
+        self._drop_merge()
+        return self.gate.add_adapter()
+
+    def set_adapter_trainable(self, index: int, trainable: bool) -> None:
+        """Train (or freeze) the ``A`` and ``B`` of one adapter; only an active, unconsolidated one trains."""
+        (index,) = self.gate.check_indices([index], allow_pruned=not trainable)
+        if trainable and self.consolidated[index]:
+            raise ValueError(f"adapter {index} is consolidated (frozen); it cannot train again")
+        for module in self.qkv_modules:
+            module.set_adapter_trainable(index, trainable)
+
+    @torch.no_grad()
+    def adapter_norms(self, index: int) -> Tensor:
+        """``||B^p A^p||_F`` of one adapter for every adapted projection p (all blocks, q/k/v)."""
+        norms = [direction_norms(*module.stacked([index])).flatten() for module in self.qkv_modules]
+        return torch.cat(norms)
+
+    @torch.no_grad()
+    def consolidate(self) -> list[int]:
+        """Freeze and normalise every active adapter still in training; return their indices.
+
+        The direction becomes ``B A / ||B A||_F`` and alpha becomes ``alpha * mean_p ||B^p A^p||_F``,
+        the least-squares magnitude: the output is kept exactly when every projection's norm is equal.
+        """
+        pending = self.pending_adapters
+        for index in pending:
+            self.gate.alphas[index].mul_(self.adapter_norms(index).mean())
+            self.set_adapter_trainable(index, False)
+        if pending:
+            consolidated = self.consolidated.clone()
+            consolidated[pending] = True
+            self.consolidated = consolidated
+            self._drop_merge()
+        return pending
+
+    def prune(self, indices: Iterable[int]) -> None:
+        """Remove adapters from the gate and the forward pass for good (at least one stays)."""
+        indices = list(indices)
+        self.gate.prune(indices)
+        for index in indices:
+            for module in self.qkv_modules:
+                module.set_adapter_trainable(index, False)
+        self._drop_merge()
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The parameters that currently require grad, by role: adapters, alphas, logits, head."""
+        active = self.gate.active_indices
+        adapters = [
+            param
+            for module in self.qkv_modules
+            for i in active
+            for param in (module.lora_A[i], module.lora_B[i])
+        ]
+        groups = {
+            "adapters": adapters,
+            "alphas": [self.gate.alphas[i] for i in active],
+            "logits": [self.gate.logits[i] for i in active],
+            "head": list(self.head.parameters()),
+        }
+        return {role: [p for p in params if p.requires_grad] for role, params in groups.items()}
+
+    def trainable_parameter_count(self) -> int:
+        """Parameters the method adds to the frozen backbone and still uses.
+
+        ``A`` and ``B`` of every active adapter, their alphas (and gate logits when the gate is on)
+        and the head; pruned adapters are not counted.
+        """
+        active = self.gate.active_indices
+        per_adapter = sum(
+            module.num_projections * module.rank * (module.in_features + module.slice_features)
+            for module in self.qkv_modules
+        )
+        scalars = 2 if self.gate_enabled else 1
+        head = sum(p.numel() for p in self.head.parameters())
+        return len(active) * (per_adapter + scalars) + head
+
+    # ------------------------------------------------------------------- forward
+
+    def _adapter_coefficients(self) -> Tensor:
+        """``beta_i * alpha_i`` of the active adapters; draws the step's Gumbel sample in training."""
+        active = self.gate.active_indices
+        if not active:
+            return self.gate.pruned.new_zeros(0, dtype=torch.float32)
+        if self.gate_enabled:
+            beta = self.gate(self.generator)
+        else:
+            beta = (~self.gate.pruned).to(torch.float32)
+        if self.training:
+            self.last_beta = beta
+        return beta[active] * self.gate.alpha_vector()[active]
+
+    def _configure_adapters(self) -> None:
+        """Hand each ``qkv`` its adapters for this forward, or the cached merge in evaluation."""
+        merging = not self.training and not torch.is_grad_enabled()
+        if merging and self._merge_key == self._current_merge_key():
+            return
+        self._drop_merge()
+        active = self.gate.active_indices
+        coefficients = self._adapter_coefficients()
+        normalised = self.consolidated[active]
+        for module in self.qkv_modules:
+            module.active, module.coefficients, module.normalised = active, coefficients, normalised
+            if merging:
+                module.merged_weight = module.effective_weight(active, coefficients, normalised)
+        if merging:
+            self._merge_key = self._current_merge_key()
+
+    def _current_merge_key(self) -> tuple:
+        """Everything the merged weights depend on; any in-place update bumps a tensor version."""
+        tensors = [*self.gate.parameters(), self.gate.pruned, self.consolidated]
+        for module in self.qkv_modules:
+            tensors.extend((*module.lora_A, *module.lora_B))
+        return (self.gate_enabled, self.gate.tau_final, *((id(t), t._version) for t in tensors))
+
+    def _drop_merge(self) -> None:
+        self._merge_key = None
+        for module in self.qkv_modules:
+            module.merged_weight = None
+
+    def train(self, mode: bool = True) -> SDLoRAViT:
+        self._drop_merge()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._drop_merge()
+        return super()._apply(fn, recurse)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Pooled backbone features (the head's input) with the adapters applied."""
+        self._configure_adapters()
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+    # --------------------------------------------------------------- persistence
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["last_beta"] = None  # a non-leaf tensor: neither picklable nor worth keeping
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Grow adapters and head to the saved sizes, so a fresh model loads any checkpoint."""
+        logit_prefix = f"{prefix}gate.logits."
+        saved = sum(1 for key in state_dict if key.startswith(logit_prefix))
+        while self.num_adapters < saved:
+            self._grow_adapter()
+        head_weight = state_dict.get(f"{prefix}head.classifier.weight")
+        if head_weight is not None and head_weight.shape[0] != self.head.classifier.out_features:
+            old = self.head.classifier
+            self.head.classifier = nn.Linear(old.in_features, head_weight.shape[0]).to(
+                old.weight.device
+            )
+            self.head.active_units = old.weight.new_zeros(head_weight.shape[0], dtype=torch.int8)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _sync_trainable_after_load(module: SDLoRAViT, incompatible_keys) -> None:
+        """Restore ``requires_grad`` from the loaded flags: consolidated and pruned tensors are frozen."""
+        module._drop_merge()
+        pruned = module.gate.pruned.tolist()
+        for index, (gone, done) in enumerate(
+            zip(pruned, module.consolidated.tolist(), strict=True)
+        ):
+            for qkv in module.qkv_modules:
+                qkv.set_adapter_trainable(index, not (gone or done))
+            module.gate.alphas[index].requires_grad_(not gone)
+            module.gate.logits[index].requires_grad_(not gone)

@@ -1,0 +1,30 @@
+"""Shared fixtures: small random-init ViTs (no downloads) and seeded RNGs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+
+def make_small_vit(embed_dim: int = 32, depth: int = 2, img_size: int = 16) -> VisionTransformer:
+    """A random-init ViT small enough for many CPU steps: 16 px images, 4 px patches."""
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=4,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=2,
+        mlp_ratio=2.0,
+        num_classes=0,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_vit() -> VisionTransformer:
+    return make_small_vit()
