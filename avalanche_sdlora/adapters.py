@@ -119,6 +119,12 @@ class LoRAQKV(nn.Module):
         weight = self.effective_weight(self.active, self.coefficients, self.normalised)
         return F.linear(x, weight, self.bias)
 
+    def __getstate__(self) -> dict:
+        """Drop the per-forward state (it may hold autograd graphs, which neither pickle nor copy)."""
+        state = self.__dict__.copy()
+        state.update(active=[], coefficients=None, normalised=None, merged_weight=None)
+        return state
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

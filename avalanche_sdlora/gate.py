@@ -187,6 +187,16 @@ class GumbelGate(nn.Module):
         return gumbel_sparsemax(self.logit_vector(), self.tau_final, noise=False)
 
     @torch.no_grad()
+    def sample_betas(
+        self, num_samples: int, tau: float | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``num_samples`` independent Gumbel-Sparsemax draws at ``tau`` (default ``tau_final``)."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        tau = self.tau_final if tau is None else tau
+        logits = self.logit_vector().detach()
+        return gumbel_sparsemax(logits.expand(num_samples, -1), tau, generator)
+
     def get_selection_frequency(
         self,
         task_indices: Sequence[int],
@@ -199,10 +209,5 @@ class GumbelGate(nn.Module):
         Returns a 1-D tensor aligned with ``task_indices``; pruned adapters get 0.
         """
         indices = self.check_indices(task_indices)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        tau = self.tau_final if tau is None else tau
-        logits = self.logit_vector().detach()
-        samples = gumbel_sparsemax(logits.expand(num_samples, -1), tau, generator)
-        frequency = (samples > 0).float().mean(dim=0)
-        return frequency[indices] if indices else frequency.new_zeros(0)
+        frequency = (self.sample_betas(num_samples, tau, generator) > 0).float().mean(dim=0)
+        return frequency[indices]

@@ -267,7 +267,10 @@ class SDLoRAViT(DynamicModule):
         for module in self.qkv_modules:
             module.active, module.coefficients, module.normalised = active, coefficients, normalised
             if merging:
-                module.merged_weight = module.effective_weight(active, coefficients, normalised)
+                weight = module.effective_weight(active, coefficients, normalised)
+                module.merged_weight = (
+                    weight.detach()
+                )  # a plain tensor, never a registered Parameter
         if merging:
             self._merge_key = self._current_merge_key()
 
@@ -302,8 +305,9 @@ class SDLoRAViT(DynamicModule):
     # --------------------------------------------------------------- persistence
 
     def __getstate__(self) -> dict:
+        """Drop the per-forward state: ``last_beta`` holds a graph; the merge is rebuilt on demand."""
         state = self.__dict__.copy()
-        state["last_beta"] = None  # a non-leaf tensor: neither picklable nor worth keeping
+        state.update(last_beta=None, _merge_key=None)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -323,13 +327,18 @@ class SDLoRAViT(DynamicModule):
 
     @staticmethod
     def _sync_trainable_after_load(module: SDLoRAViT, incompatible_keys) -> None:
-        """Restore ``requires_grad`` from the loaded flags: consolidated and pruned tensors are frozen."""
+        """Freeze what the loaded flags say is frozen: consolidated adapters and pruned ones.
+
+        Nothing is unfrozen, so loading mid-phase (early stopping does) keeps the phase's settings.
+        """
         module._drop_merge()
         pruned = module.gate.pruned.tolist()
         for index, (gone, done) in enumerate(
             zip(pruned, module.consolidated.tolist(), strict=True)
         ):
-            for qkv in module.qkv_modules:
-                qkv.set_adapter_trainable(index, not (gone or done))
-            module.gate.alphas[index].requires_grad_(not gone)
-            module.gate.logits[index].requires_grad_(not gone)
+            if gone or done:
+                for qkv in module.qkv_modules:
+                    qkv.set_adapter_trainable(index, False)
+            if gone:
+                module.gate.alphas[index].requires_grad_(False)
+                module.gate.logits[index].requires_grad_(False)

@@ -17,6 +17,7 @@ def make_small_vit(embed_dim: int = 32, depth: int = 2, img_size: int = 16) -> V
         num_heads=2,
         mlp_ratio=2.0,
         num_classes=0,
+        global_pool="avg",
     )
 
 

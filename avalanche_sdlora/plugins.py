@@ -1,0 +1,49 @@
+"""Avalanche plugins of the method: the growth/pruning decision after each experience."""
+
+from __future__ import annotations
+
+from avalanche.evaluation.metric_results import MetricValue
+from avalanche.training.plugins import SupervisedPlugin
+
+from avalanche_sdlora.pruning import AdapterDecision, SelectionPruner
+
+__all__ = ["GumbelPruningPlugin"]
+
+
+class GumbelPruningPlugin(SupervisedPlugin):
+    """Prunes rarely selected adapters after each training experience, then consolidates the new one.
+
+    The decision (:class:`~avalanche_sdlora.pruning.SelectionPruner`) runs in ``after_training_exp``,
+    before the experience's evaluation. Each adapter's alpha, logit, mean beta, frequency and decision
+    is published through the strategy's evaluator, so every logger records it, and kept in
+    ``history`` for the report. With the model's gate off there is nothing to select: every adapter
+    is kept.
+
+    Place it before plugins that snapshot the model in ``after_training_exp`` (LwF), so they see the
+    consolidated model; ``SDLoRA`` puts its default instance first.
+    """
+
+    def __init__(self, num_samples: int = 10, threshold: float = 0.2):
+        super().__init__()
+        self.pruner = SelectionPruner(num_samples=num_samples, threshold=threshold)
+        self.history: list[AdapterDecision] = []
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        model = strategy.model
+        experience = strategy.clock.train_exp_counter
+        if model.gate_enabled:
+            decisions = self.pruner.decide(model, experience)
+            self.pruner.apply(model, decisions)
+            self.history.extend(decisions)
+            self._publish(strategy, decisions)
+        model.consolidate()
+
+    def _publish(self, strategy, decisions: list[AdapterDecision]) -> None:
+        x_plot = strategy.clock.train_iterations
+        for decision in decisions:
+            prefix = f"Pruning/Exp{decision.experience:03d}/Adapter{decision.adapter:03d}"
+            for field in ("alpha", "logit", "mean_beta", "frequency", "pruned"):
+                value = float(getattr(decision, field))
+                strategy.evaluator.publish_metric_value(
+                    MetricValue(self, f"{prefix}/{field}", value, x_plot)
+                )

@@ -1,0 +1,34 @@
+"""Tiny, easily separable class-incremental streams built with Avalanche's ``nc_benchmark``."""
+
+from __future__ import annotations
+
+import torch
+from avalanche.benchmarks import nc_benchmark
+from torch.utils.data import TensorDataset
+
+IMAGE_SIZE = 16
+
+
+def prototype_dataset(classes: int, per_class: int, seed: int, noise: float = 0.3) -> TensorDataset:
+    """Each class is a fixed random image (shared across splits) plus Gaussian noise."""
+    prototypes = torch.randn(
+        classes, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(123)
+    )
+    targets = torch.arange(classes).repeat_interleave(per_class)
+    noise_draw = torch.randn(
+        len(targets), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed)
+    )
+    dataset = TensorDataset(prototypes[targets] + noise * noise_draw, targets)
+    dataset.targets = targets.tolist()
+    return dataset
+
+
+def separable_benchmark(experiences: int = 3, classes_per_experience: int = 2, per_class: int = 40):
+    classes = experiences * classes_per_experience
+    return nc_benchmark(
+        prototype_dataset(classes, per_class, seed=0),
+        prototype_dataset(classes, 10, seed=1),
+        n_experiences=experiences,
+        task_labels=False,
+        fixed_class_order=list(range(classes)),
+    )
