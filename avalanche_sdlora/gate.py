@@ -174,17 +174,21 @@ class GumbelGate(nn.Module):
         """The magnitudes as one tensor (keeps the graph to each alpha)."""
         return torch.stack(list(self.alphas))
 
-    def forward(self, generator: torch.Generator | None = None) -> Tensor:
+    def beta(self, noise: bool, generator: torch.Generator | None = None) -> Tensor:
         """One ``beta`` over all adapters (zeros where pruned).
 
-        In training mode one Gumbel sample at ``self.tau``; in evaluation mode the noiseless
-        ``sparsemax(l / tau_final)``.
+        With ``noise``, one Gumbel sample at the training temperature ``tau``; without, the
+        deterministic ``sparsemax(l / tau_final)`` of evaluation.
         """
         if self.num_adapters == 0:
             return self.pruned.new_zeros(0, dtype=torch.float32)
-        if self.training:
+        if noise:
             return gumbel_sparsemax(self.logit_vector(), self.tau, generator)
         return gumbel_sparsemax(self.logit_vector(), self.tau_final, noise=False)
+
+    def forward(self, generator: torch.Generator | None = None) -> Tensor:
+        """``beta``: sampled in training mode, deterministic in evaluation mode."""
+        return self.beta(self.training, generator)
 
     @torch.no_grad()
     def sample_betas(

@@ -208,6 +208,15 @@ class SDLoRAViT(DynamicModule):
                 module.set_adapter_trainable(index, False)
         self._drop_merge()
 
+    @torch.no_grad()
+    def adapter_summary(self) -> list[dict[str, float | int | bool]]:
+        """Every adapter's alpha, evaluation beta and pruned flag (beta is 1 with the gate off)."""
+        gate, beta = self.gate, self.beta(noise=False)
+        return [
+            {"adapter": i, "alpha": gate.alphas[i].item(), "beta": beta[i].item(), "pruned": pruned}
+            for i, pruned in enumerate(gate.pruned.tolist())
+        ]
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters that currently require grad, by role: adapters, alphas, logits, head."""
         active = self.gate.active_indices
@@ -242,15 +251,18 @@ class SDLoRAViT(DynamicModule):
 
     # ------------------------------------------------------------------- forward
 
+    def beta(self, noise: bool) -> Tensor:
+        """The gate's ``beta`` (with one Gumbel sample if ``noise``); all ones with the gate off."""
+        if not self.gate_enabled:
+            return (~self.gate.pruned).to(torch.float32)
+        return self.gate.beta(noise, self.generator)
+
     def _adapter_coefficients(self) -> Tensor:
         """``beta_i * alpha_i`` of the active adapters; draws the step's Gumbel sample in training."""
         active = self.gate.active_indices
         if not active:
             return self.gate.pruned.new_zeros(0, dtype=torch.float32)
-        if self.gate_enabled:
-            beta = self.gate(self.generator)
-        else:
-            beta = (~self.gate.pruned).to(torch.float32)
+        beta = self.beta(noise=self.training)
         if self.training:
             self.last_beta = beta
         return beta[active] * self.gate.alpha_vector()[active]

@@ -1,13 +1,14 @@
-"""Avalanche plugins of the method: the growth/pruning decision after each experience."""
+"""Avalanche plugins: the growth/pruning decision after each experience, and mixed precision."""
 
 from __future__ import annotations
 
+import torch
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_sdlora.pruning import AdapterDecision, SelectionPruner
 
-__all__ = ["GumbelPruningPlugin"]
+__all__ = ["AutocastPlugin", "GumbelPruningPlugin"]
 
 
 class GumbelPruningPlugin(SupervisedPlugin):
@@ -47,3 +48,37 @@ class GumbelPruningPlugin(SupervisedPlugin):
                 strategy.evaluator.publish_metric_value(
                     MetricValue(self, f"{prefix}/{field}", value, x_plot)
                 )
+
+
+class AutocastPlugin(SupervisedPlugin):
+    """Runs every forward pass (training and evaluation) under ``torch.autocast``.
+
+    The outputs are cast back to float32 so losses and metrics are computed in full precision.
+    bf16 autocast works on CUDA and on the CPU.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.dtype = dtype
+        self._context: torch.autocast | None = None
+
+    def _enter(self, strategy) -> None:
+        self._context = torch.autocast(device_type=strategy.device.type, dtype=self.dtype)
+        self._context.__enter__()
+
+    def _exit(self, strategy) -> None:
+        self._context.__exit__(None, None, None)
+        self._context = None
+        strategy.mb_output = strategy.mb_output.float()
+
+    def before_forward(self, strategy, **kwargs) -> None:
+        self._enter(strategy)
+
+    def after_forward(self, strategy, **kwargs) -> None:
+        self._exit(strategy)
+
+    def before_eval_forward(self, strategy, **kwargs) -> None:
+        self._enter(strategy)
+
+    def after_eval_forward(self, strategy, **kwargs) -> None:
+        self._exit(strategy)

@@ -10,7 +10,6 @@ trains the new adapter, every active alpha and the head with the logits frozen; 
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from avalanche_sdlora.gate import annealed_temperature, entropy_sparsity, gini_sparsity
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.plugins import GumbelPruningPlugin
+from avalanche_sdlora.report import peak_memory_mb
 
 __all__ = ["JOINT_PHASE", "SDLoRA"]
 
@@ -49,13 +49,6 @@ def _require(condition: bool, message: str) -> None:
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
     _require(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
     return value
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class SDLoRA(SupervisedTemplate):
@@ -278,7 +271,8 @@ class SDLoRA(SupervisedTemplate):
                 "trainable_parameters": model.trainable_parameter_count(),
                 "phase_seconds": dict(self._phase_seconds),
                 "train_seconds": sum(self._phase_seconds.values()),
-                "peak_memory_mb": _peak_memory_mb(self.device),
+                "peak_memory_mb": peak_memory_mb(self.device),
+                "adapters": model.adapter_summary(),
             }
         )
 

@@ -1,0 +1,90 @@
+"""Avalanche's built-in strategies as baselines, on the same pretrained backbone as SD-LoRA.
+
+Naive (full fine-tuning), EWC, LwF, Replay and Cumulative train the whole ViT with a linear head that
+grows with the classes seen (Avalanche's ``IncrementalClassifier``); L2P is Avalanche's
+``LearningToPrompt`` through :mod:`avalanche_sdlora.l2p`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from avalanche.models import IncrementalClassifier
+from avalanche.training import EWC, LwF, Naive, Replay
+from avalanche.training.supervised import Cumulative
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+
+__all__ = ["FineTunedViT", "make_baseline", "make_optimizer"]
+
+
+class FineTunedViT(nn.Module):
+    """A timm ViT trained end to end, with a linear head grown by Avalanche's model adaptation."""
+
+    def __init__(self, backbone: nn.Module, initial_classes: int = 2):
+        super().__init__()
+        backbone.reset_classifier(0)
+        self.backbone = backbone
+        self.head = IncrementalClassifier(
+            backbone.num_features, initial_out_features=initial_classes
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return self.head(features)
+
+
+def make_optimizer(parameters, settings: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """SGD (with momentum), Adam or AdamW over ``parameters`` from a baseline's config section."""
+    name, lr, decay = settings["optimizer"], settings["lr"], settings["weight_decay"]
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=settings["momentum"], weight_decay=decay)
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    return optimizers[name](parameters, lr=lr, weight_decay=decay)
+
+
+def make_baseline(
+    method: str,
+    backbone: nn.Module,
+    settings: Mapping[str, Any],
+    *,
+    num_classes: int,
+    **template: Any,
+) -> SupervisedTemplate:
+    """The Avalanche strategy ``method`` on ``backbone``; ``template`` holds the shared template
+    arguments (train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator).
+    ``num_classes`` (all classes of the stream) sizes L2P's fixed head."""
+    if method == "l2p":
+        from avalanche_sdlora.l2p import make_l2p
+
+        return make_l2p(
+            backbone=backbone,
+            num_classes=num_classes,
+            lr=settings["lr"],
+            pool_size=settings["pool_size"],
+            prompt_length=settings["prompt_length"],
+            top_k=settings["top_k"],
+            **template,
+        )
+    model = FineTunedViT(backbone)
+    common = {
+        "model": model,
+        "optimizer": make_optimizer(model.parameters(), settings),
+        "criterion": nn.CrossEntropyLoss(),
+        **template,
+    }
+    if method == "naive":
+        return Naive(**common)
+    if method == "ewc":
+        return EWC(**common, ewc_lambda=settings["ewc_lambda"], mode="separate")
+    if method == "lwf":
+        return LwF(**common, alpha=settings["alpha"], temperature=settings["temperature"])
+    if method == "replay":
+        return Replay(**common, mem_size=settings["mem_size"])
+    if method == "cumulative":
+        return Cumulative(**common)
+    raise ValueError(
+        f"unknown baseline {method!r}; choose from naive, ewc, lwf, replay, cumulative, l2p"
+    )

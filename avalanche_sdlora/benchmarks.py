@@ -1,0 +1,314 @@
+"""The runner's class-incremental benchmarks: Split CIFAR-100, any train/val ImageFolder tree, digits.
+
+Each is an Avalanche ``nc_benchmark`` scenario without task labels whose experiences follow an explicit
+class order (``class_order``): experience ``t`` holds the classes ``order[t*k:(t+1)*k]``. Labels are
+remapped to positions in that order (``class_ids_from_zero_from_first_exp``), so experience ``t`` carries
+labels ``t*k .. (t+1)*k - 1`` and a growing head adds its units in experience order; the original ids are
+in ``benchmark.classes_order_original_ids`` (label ``i`` is original class ``order[i]``).
+
+Missing data fails fast: ``check_dataset`` runs before anything is built and never touches the network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from operator import methodcaller
+from pathlib import Path
+from typing import ClassVar
+
+import dill
+import numpy as np
+import timm.data
+import torch
+from avalanche.benchmarks import NCScenario, nc_benchmark
+from avalanche.benchmarks.datasets import default_dataset_location
+from avalanche.benchmarks.utils.utils import as_classification_dataset
+from avalanche.checkpointing import constructor_based_serialization
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from timm.data.transforms import str_to_interp_mode
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets import CIFAR100, ImageFolder
+
+BENCHMARKS = ("split_cifar100", "imagefolder", "digits")
+
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised before any work when a dataset is missing; message says where to put it."""
+
+
+class LocalCIFAR100(CIFAR100):
+    """torchvision's ``CIFAR100`` read from a local copy only: checks presence, not md5; never downloads.
+
+    Avalanche's ``SplitCIFAR100`` builds ``CIFAR100(root, download=True)``, which downloads (hangs
+    offline) whenever a file is missing or its md5 differs, and cannot be handed other datasets. With
+    no md5 (``None``) torchvision's integrity check only tests that the file exists, and ``download``
+    is always off, so a missing file raises instead of reaching the network. Data, targets and images
+    are torchvision's own.
+    """
+
+    train_list: ClassVar[list[list[str | None]]] = [["train", None]]
+    test_list: ClassVar[list[list[str | None]]] = [["test", None]]
+    meta: ClassVar[dict[str, str | None]] = {**CIFAR100.meta, "md5": None}
+
+    def __init__(
+        self,
+        root: str | Path,
+        train: bool = True,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+    ) -> None:
+        super().__init__(
+            root,
+            train=train,
+            transform=transform,
+            target_transform=target_transform,
+            download=False,
+        )
+
+
+@dill.register(LocalCIFAR100)
+def _checkpoint_local_cifar100(pickler: dill.Pickler, obj: LocalCIFAR100) -> None:
+    """Avalanche checkpoints store the constructor arguments, not the images (as for ``CIFAR100``)."""
+    constructor_based_serialization(
+        pickler,
+        obj,
+        LocalCIFAR100,
+        deduplicate=True,
+        kwargs={
+            "root": obj.root,
+            "train": obj.train,
+            "transform": obj.transform,
+            "target_transform": obj.target_transform,
+        },
+    )
+
+
+class GrayImages(Dataset):
+    """Grayscale ``uint8`` images (N x H x W) served as PIL images with integer ``targets``."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: list[str]) -> None:
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]), self.targets[index]
+
+
+def _cifar_root(root: str | Path | None) -> Path:
+    return Path(root) if root is not None else default_dataset_location("cifar100")
+
+
+def check_dataset(name: str, root: str | Path | None) -> None:
+    """Check in milliseconds that the benchmark's data is on disk, before anything is built.
+
+    Raises ``DatasetNotFoundError`` naming the expected path and layout, ``ValueError`` for an unknown
+    benchmark. ``digits`` ships with scikit-learn and needs nothing.
+    """
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}: choose one of {', '.join(BENCHMARKS)}")
+    if name == "split_cifar100":
+        folder = _cifar_root(root) / LocalCIFAR100.base_folder
+        files = [f for f, _ in LocalCIFAR100.train_list + LocalCIFAR100.test_list]
+        files.append(LocalCIFAR100.meta["filename"])
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"CIFAR-100 not found: {', '.join(str(folder / f) for f in missing)} missing. "
+                f"Expected torchvision's layout {folder}/{{{','.join(files)}}}: extract "
+                f"{CIFAR100_URL} into {folder.parent} (no download is attempted)."
+            )
+    elif name == "imagefolder":
+        layout = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
+        if root is None:
+            raise DatasetNotFoundError(f"the imagefolder benchmark needs a dataset root: {layout}")
+        for split in ("train", "val"):
+            folder = Path(root) / split
+            if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+                raise DatasetNotFoundError(
+                    f"no class folders in {folder}: the imagefolder benchmark expects {layout} "
+                    f"with <root> = {root}"
+                )
+
+
+def class_order(
+    num_classes: int, seed: int | None = None, order: Sequence[int] | None = None
+) -> list[int]:
+    """The class order of a run: ``order`` if given (validated), else the SD-LoRA authors' toolbox order.
+
+    The toolbox order is ``numpy.random.RandomState(seed).permutation(num_classes)`` (seed 1993 is the
+    paper's); with neither ``order`` nor ``seed`` the classes keep their dataset order.
+    """
+    if order is None:
+        if seed is None:
+            return list(range(num_classes))
+        return np.random.RandomState(seed).permutation(num_classes).tolist()
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in order):
+        raise ValueError(f"class order must hold integer class ids, got {list(order)}")
+    order = [int(c) for c in order]
+    counts = Counter(order)
+    problems = {
+        "out of range": sorted(c for c in counts if not 0 <= c < num_classes),
+        "repeated": sorted(c for c, n in counts.items() if n > 1),
+        "missing": sorted(set(range(num_classes)) - counts.keys()),
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{what}: {ids}" for what, ids in problems.items() if ids)
+        raise ValueError(
+            f"class order must be a permutation of 0..{num_classes - 1} (each class once): {found}"
+        )
+    return order
+
+
+def backbone_transforms(
+    backbone: torch.nn.Module, train_augmentation: bool = True
+) -> tuple[Callable, Callable]:
+    """``(train_transform, eval_transform)`` on PIL images, from the backbone's timm data config.
+
+    Size (the backbone's own ``patch_embed.img_size`` when it has one, as a bare ``VisionTransformer``'s
+    config reports the 224 px default), interpolation, mean/std and the eval crop ratio ``crop_pct``
+    come from the backbone's config (the paper's Resize(256) + CenterCrop(224) is ``crop_pct`` 0.875:
+    ``exps/c100.json`` sets it through ``backbone.pretrained_cfg``, as timm's own default for that
+    backbone is 0.9). Train: RandomResizedCrop(scale=(0.05, 1)) + horizontal flip, the
+    paper's augmentation; without ``train_augmentation`` it is the eval transform. Images are converted
+    to RGB first, so grayscale data (digits) works with any backbone.
+    """
+    config = timm.data.resolve_model_data_config(backbone)
+    patch_embed = getattr(backbone, "patch_embed", None)
+    size = tuple(getattr(patch_embed, "img_size", None) or config["input_size"][-2:])
+    interpolation = str_to_interp_mode(config["interpolation"])
+    to_rgb = transforms.Lambda(methodcaller("convert", "RGB"))
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]
+    eval_transform = transforms.Compose(
+        [
+            to_rgb,
+            transforms.Resize(
+                math.floor(size[0] / config["crop_pct"]), interpolation=interpolation
+            ),
+            transforms.CenterCrop(size),
+            *to_tensor,
+        ]
+    )
+    if not train_augmentation:
+        return eval_transform, eval_transform
+    train_transform = transforms.Compose(
+        [
+            to_rgb,
+            transforms.RandomResizedCrop(size, scale=(0.05, 1.0), interpolation=interpolation),
+            transforms.RandomHorizontalFlip(),
+            *to_tensor,
+        ]
+    )
+    return train_transform, eval_transform
+
+
+def _load(name: str, root: str | Path | None, seed: int) -> tuple[Dataset, Dataset]:
+    """Raw (train, test) datasets of PIL images with ``targets`` and ``classes``."""
+    if name == "split_cifar100":
+        folder = _cifar_root(root)
+        return LocalCIFAR100(folder, train=True), LocalCIFAR100(folder, train=False)
+    if name == "imagefolder":
+        train, val = ImageFolder(Path(root) / "train"), ImageFolder(Path(root) / "val")
+        if train.classes != val.classes:
+            only = sorted(set(train.classes) ^ set(val.classes))
+            raise ValueError(
+                f"{root}: train/ and val/ must hold the same class folders; in only one of them: {only}"
+            )
+        return train, val
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(images)), test_size=0.2, stratify=digits.target, random_state=seed
+    )
+    classes = [str(c) for c in digits.target_names]
+    return (
+        GrayImages(images[train_idx], digits.target[train_idx], classes),
+        GrayImages(images[test_idx], digits.target[test_idx], classes),
+    )
+
+
+def _select(
+    targets: Sequence[int], classes: Sequence[int], per_class: int | None, seed: int
+) -> list[int]:
+    """Indices of the samples of ``classes``, at most ``per_class`` each (seeded draw), in dataset order."""
+    targets = np.asarray(targets)
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for c in classes:
+        indices = np.flatnonzero(targets == c)
+        if per_class is not None and len(indices) > per_class:
+            indices = rng.choice(indices, per_class, replace=False)
+        chosen.append(indices)
+    return np.sort(np.concatenate(chosen)).tolist()
+
+
+def make_benchmark(
+    name: str,
+    *,
+    root: str | Path | None,
+    n_experiences: int,
+    order: list[int],
+    train_transform: Callable,
+    eval_transform: Callable,
+    num_classes: int | None = None,
+    train_per_class: int | None = None,
+    seed: int = 0,
+) -> NCScenario:
+    """A class-incremental Avalanche benchmark (no task labels) over ``order[:num_classes]``.
+
+    ``order`` is the full class order (a permutation of the dataset's classes, see ``class_order``);
+    the first ``num_classes`` of them (default: all) are split into ``n_experiences`` equal experiences.
+    ``train_per_class`` keeps at most that many training samples per class (seeded draw); the test sets
+    are kept whole. Labels are positions in ``order`` (see the module docstring). ``train_transform``
+    and ``eval_transform`` are Avalanche's ``train``/``eval`` transform groups (``dataset.train()`` /
+    ``.eval()``), applied to PIL images.
+
+    - ``split_cifar100``: CIFAR-100 from ``root`` (default: Avalanche's ``cifar100`` location) in
+      torchvision's layout, via ``LocalCIFAR100``, never downloaded. ``nc_benchmark`` is called with
+      ``SplitCIFAR100``'s own settings, since ``SplitCIFAR100`` only reads through ``CIFAR100(download=True)``.
+    - ``imagefolder``: ``root/train`` and ``root/val`` ImageFolder trees with the same class folders
+      (class ids: the sorted folder names' positions).
+    - ``digits``: scikit-learn's 8x8 digits (1797 images, 10 classes) as 0..255 grayscale PIL images,
+      a stratified 80/20 train/test split drawn with ``seed``.
+    """
+    check_dataset(name, root)
+    if n_experiences < 1:
+        raise ValueError(f"n_experiences must be at least 1, got {n_experiences}")
+    if train_per_class is not None and train_per_class < 1:
+        raise ValueError(
+            f"train_per_class must be at least 1 (or None for all), got {train_per_class}"
+        )
+    train, test = _load(name, root, seed)
+    order = class_order(len(train.classes), order=order)
+    num_classes = len(order) if num_classes is None else num_classes
+    if not 1 <= num_classes <= len(order):
+        raise ValueError(f"num_classes must be in 1..{len(order)} for {name}, got {num_classes}")
+    if num_classes % n_experiences:
+        raise ValueError(
+            f"num_classes ({num_classes}) must be divisible by n_experiences ({n_experiences})"
+        )
+    classes = order[:num_classes]
+    return nc_benchmark(
+        as_classification_dataset(train).subset(
+            _select(train.targets, classes, train_per_class, seed)
+        ),
+        as_classification_dataset(test).subset(_select(test.targets, classes, None, seed)),
+        n_experiences=n_experiences,
+        task_labels=False,
+        shuffle=False,
+        fixed_class_order=classes,
+        class_ids_from_zero_from_first_exp=True,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+    )

@@ -1,0 +1,418 @@
+"""The experiment configuration: one schema, its defaults, validation and ``--set`` overrides.
+
+A config file is JSON with the sections of :data:`SCHEMA`; anything left out takes the default written
+here (the paper's protocol and the seed's gate settings). Validation reports every problem at once,
+each with its dotted path: unknown keys with the nearest valid key, wrong types and out-of-range values
+with the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BASELINES",
+    "METHODS",
+    "SCHEMA",
+    "ConfigError",
+    "Setting",
+    "apply_override",
+    "defaults",
+    "describe_schema",
+    "load_config",
+    "validate",
+]
+
+BASELINES = ("naive", "ewc", "lwf", "replay", "cumulative", "l2p")
+METHODS = ("sdlora", *BASELINES)
+_NUMBER = (int, float)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration value: its default, JSON type(s), an optional check and its meaning."""
+
+    default: Any
+    types: tuple[type, ...]
+    help: str
+    nullable: bool = False
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+    """Returns what is wrong with a value of the right type (``None`` when it is fine)."""
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.nullable else f"must not be null; expected {self.expected}"
+        if isinstance(value, bool) and bool not in self.types:
+            return f"expected {self.expected}"
+        if not isinstance(value, self.types):
+            return f"expected {self.expected}"
+        if self.choices is not None:
+            values = value if isinstance(value, list) else [value]
+            bad = [v for v in values if v not in self.choices]
+            if bad:
+                return f"{bad[0]!r} is not allowed; choose from {list(self.choices)}"
+        return self.check(value) if self.check else None
+
+    @property
+    def expected(self) -> str:
+        names = " or ".join(t.__name__ for t in self.types)
+        return f"{names}{' or null' if self.nullable else ''}"
+
+
+def _at_least(minimum: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= minimum else f"must be >= {minimum}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _open_unit(v: float) -> str | None:
+    return None if 0 < v < 1 else "must be in (0, 1)"
+
+
+def _unit(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+def _int_list(v: list) -> str | None:
+    ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+    return None if ok else "must be a list of ints >= 0"
+
+
+def _optimizer(lr: float, optimizer: str = "sgd") -> dict[str, Setting]:
+    return {
+        "lr": Setting(lr, _NUMBER, "learning rate", check=_positive),
+        "optimizer": Setting(optimizer, (str,), "optimizer", choices=("sgd", "adam", "adamw")),
+        "momentum": Setting(0.9, _NUMBER, "SGD momentum", check=_unit),
+        "weight_decay": Setting(0.0, _NUMBER, "weight decay", check=_at_least(0.0)),
+    }
+
+
+SCHEMA: dict[str, dict[str, Setting | dict]] = {
+    "experiment": {
+        "name": Setting(
+            "sdlora", (str,), "name of the run (the default run folder is runs/<name>)"
+        ),
+        "strategy": Setting("sdlora", (str,), "the main method", choices=METHODS),
+        "compare": Setting([], (list,), "methods run too, on the same benchmark", choices=METHODS),
+        "seeds": Setting([0], (list,), "training seeds; metrics get mean +- std", check=_int_list),
+        "device": Setting("cpu", (str,), "cpu, cuda or cuda:N"),
+        "checkpoint": Setting(True, (bool,), "save an Avalanche checkpoint after every experience"),
+    },
+    "benchmark": {
+        "name": Setting(
+            "split_cifar100",
+            (str,),
+            "class-incremental benchmark",
+            choices=("split_cifar100", "imagefolder", "digits"),
+        ),
+        "root": Setting(
+            "data",
+            (str,),
+            "dataset folder (CIFAR-100 in torchvision's layout, or train/ + val/ ImageFolder trees)",
+            nullable=True,
+        ),
+        "n_experiences": Setting(10, (int,), "number of experiences", check=_at_least(1)),
+        "class_order_seed": Setting(
+            1993, (int,), "class order = numpy RandomState(seed).permutation", nullable=True
+        ),
+        "class_order": Setting(
+            None,
+            (list,),
+            "explicit class order (overrides class_order_seed)",
+            nullable=True,
+            check=_int_list,
+        ),
+        "num_classes": Setting(
+            None,
+            (int,),
+            "use only the first N classes of the order",
+            nullable=True,
+            check=_at_least(1),
+        ),
+        "train_per_class": Setting(
+            None,
+            (int,),
+            "keep at most N training images per class",
+            nullable=True,
+            check=_at_least(1),
+        ),
+        "train_augmentation": Setting(True, (bool,), "random resized crop + flip in training"),
+        "num_workers": Setting(0, (int,), "data loader workers", check=_at_least(0)),
+    },
+    "backbone": {
+        "name": Setting("vit_base_patch16_224.augreg2_in21k_ft_in1k", (str,), "timm model name"),
+        "pretrained": Setting(
+            True, (bool,), "load pretrained weights (timm hub, or pretrained_file)"
+        ),
+        "pretrained_file": Setting(
+            None, (str,), "local .pth/.safetensors/.npz weights (works offline)", nullable=True
+        ),
+        "kwargs": Setting(
+            {}, (dict,), "extra timm.create_model arguments (img_size, patch_size, ...)"
+        ),
+        "pretrained_cfg": Setting(
+            {},
+            (dict,),
+            "overrides of timm's pretrained config (mean, std, input_size, crop_pct, interpolation): the data transforms follow it",
+        ),
+        "precision": Setting("fp32", (str,), "bf16 uses autocast", choices=("fp32", "bf16")),
+    },
+    "training": {
+        "epochs": Setting(20, (int,), "epochs per experience (all methods)", check=_at_least(1)),
+        "batch_size": Setting(128, (int,), "training mini-batch", check=_at_least(1)),
+        "eval_batch_size": Setting(256, (int,), "evaluation mini-batch", check=_at_least(1)),
+    },
+    "sdlora": {
+        "rank": Setting(10, (int,), "adapter rank r", check=_at_least(1)),
+        "targets": Setting("qv", (str,), "qkv slices with adapters, letters from 'qkv'"),
+        "blocks": Setting(
+            None,
+            (list,),
+            "indices of the blocks with adapters (null: all)",
+            nullable=True,
+            check=_int_list,
+        ),
+        "gate": Setting(True, (bool,), "Gumbel-Sparsemax gate (false: plain SD-LoRA)"),
+        "two_phase": Setting(True, (bool,), "selection then new task (false: one joint phase)"),
+        "init_logit": Setting(0.0, _NUMBER, "initial gate logit"),
+        "alpha_init": Setting(1.0, _NUMBER, "initial magnitude of a new adapter"),
+        **_optimizer(8e-3),
+        "alpha_lr": Setting(0.04, _NUMBER, "learning rate of the magnitudes", check=_positive),
+        "gate_lr": Setting(0.04, _NUMBER, "learning rate of the gate logits", check=_positive),
+        "head_lr": Setting(
+            None, _NUMBER, "learning rate of the head (null: lr)", nullable=True, check=_positive
+        ),
+        "phase1_fraction": Setting(0.6, _NUMBER, "share of epochs in phase 1", check=_open_unit),
+        "gumbel_tau_init": Setting(5.0, _NUMBER, "initial Gumbel temperature", check=_positive),
+        "gumbel_tau_final": Setting(
+            0.5, _NUMBER, "final (and evaluation) temperature", check=_positive
+        ),
+        "gumbel_anneal_rate": Setting(
+            0.999,
+            _NUMBER,
+            "per-step temperature decay",
+            check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+        ),
+        "lambda_sparsity": Setting(0.1, _NUMBER, "phase-1 sparsity weight", check=_at_least(0.0)),
+        "sparsity": Setting("gini", (str,), "sparsity regulariser", choices=("gini", "entropy")),
+        "lambda_alpha": Setting(1e-4, _NUMBER, "phase-2 alpha L2 weight", check=_at_least(0.0)),
+        "loss_on": Setting(
+            "current",
+            (str,),
+            "training CE over current or all seen classes",
+            choices=("current", "seen"),
+        ),
+        "pruning": Setting(True, (bool,), "prune rarely selected adapters"),
+        "num_samples": Setting(
+            10, (int,), "Gumbel samples of the pruning decision", check=_at_least(1)
+        ),
+        "prune_threshold": Setting(
+            0.2, _NUMBER, "prune below this selection frequency", check=_unit
+        ),
+    },
+    "baselines": {
+        "naive": {**_optimizer(1e-3)},
+        "ewc": {
+            **_optimizer(1e-3),
+            "ewc_lambda": Setting(5000.0, _NUMBER, "EWC penalty weight", check=_at_least(0.0)),
+        },
+        "lwf": {
+            **_optimizer(1e-3),
+            "alpha": Setting(1.0, _NUMBER, "distillation weight", check=_at_least(0.0)),
+            "temperature": Setting(2.0, _NUMBER, "distillation temperature", check=_positive),
+        },
+        "replay": {
+            **_optimizer(1e-3),
+            "mem_size": Setting(2000, (int,), "replay memory (samples)", check=_at_least(1)),
+        },
+        "cumulative": {**_optimizer(1e-3)},
+        "l2p": {
+            "lr": Setting(
+                0.03, _NUMBER, "learning rate (Adam, as Avalanche's L2P)", check=_positive
+            ),
+            "pool_size": Setting(10, (int,), "prompt pool size", check=_at_least(1)),
+            "prompt_length": Setting(5, (int,), "tokens per prompt", check=_at_least(1)),
+            "top_k": Setting(5, (int,), "prompts selected per input", check=_at_least(1)),
+        },
+    },
+}
+
+
+def defaults(schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
+    """The fully resolved default configuration."""
+    return {
+        key: defaults(node) if isinstance(node, Mapping) else copy.deepcopy(node.default)
+        for key, node in schema.items()
+    }
+
+
+def _nearest(key: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(options)}"
+
+
+def validate(
+    config: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA, path: str = ""
+) -> list[str]:
+    """Every problem of a (partial) configuration, as messages with dotted paths."""
+    problems = []
+    for key, value in config.items():
+        where = f"{path}{key}"
+        node = schema.get(key)
+        if node is None:
+            problems.append(f"{where}: unknown key{_nearest(key, list(schema))}")
+        elif isinstance(node, Mapping):
+            if isinstance(value, Mapping):
+                problems.extend(validate(value, node, f"{where}."))
+            else:
+                problems.append(f"{where}: expected a section (object), got {value!r}")
+        elif (problem := node.problem(value)) is not None:
+            problems.append(f"{where}: {problem}, got {value!r}")
+    return problems
+
+
+_FREE_FORM = ("kwargs", "pretrained_cfg")  # dict settings replaced whole, not merged key by key
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and key not in _FREE_FORM:
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _setting(path: str) -> Setting:
+    node: Any = SCHEMA
+    walked = []
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            options = list(node) if isinstance(node, Mapping) else []
+            where = ".".join([*walked, part])
+            raise ConfigError([f"{where}: unknown key{_nearest(part, options)}"])
+        node = node[part]
+        walked.append(part)
+    if isinstance(node, Mapping):
+        raise ConfigError([f"{path}: is a section; set one of its keys: {sorted(node)}"])
+    return node
+
+
+def _parse(text: str, setting: Setting) -> Any:
+    """A ``--set`` value typed by its setting: JSON where it parses, else a bare string."""
+    if text == "null":
+        return None
+    if setting.types == (list,) and not text.startswith("["):
+        return [_parse_scalar(item) for item in text.split(",") if item]
+    value = _parse_scalar(text)
+    if float in setting.types and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if setting.types == (str,) and not isinstance(value, str):
+        return text
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(config: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.sub=value`` override in place (the value typed by the schema)."""
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+        raise ConfigError([f"--set {assignment!r}: expected key.sub=value"])
+    setting = _setting(path.strip())
+    value = _parse(text.strip(), setting)
+    section = config
+    *parents, leaf = path.strip().split(".")
+    for part in parents:
+        section = section.setdefault(part, {})
+    section[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a JSON config, apply ``--set`` overrides, validate everything and fill in the defaults."""
+    problems = []
+    user: dict[str, Any] = {}
+    if path is not None:
+        try:
+            user = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} does not exist"]) from None
+        except json.JSONDecodeError as error:
+            raise ConfigError([f"config file {path} is not valid JSON: {error}"]) from None
+        if not isinstance(user, dict):
+            raise ConfigError([f"config file {path} must hold a JSON object"])
+    for assignment in overrides:
+        try:
+            apply_override(user, assignment)
+        except ConfigError as error:
+            problems.extend(error.problems)
+    problems.extend(validate(user))
+    if problems:
+        raise ConfigError(problems)
+    config = _merge(defaults(), user)
+    problems = _cross_checks(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _cross_checks(config: Mapping[str, Any]) -> list[str]:
+    problems = []
+    sdlora, benchmark = config["sdlora"], config["benchmark"]
+    if sdlora["gumbel_tau_init"] < sdlora["gumbel_tau_final"]:
+        problems.append(
+            f"sdlora.gumbel_tau_init: must be >= sdlora.gumbel_tau_final "
+            f"({sdlora['gumbel_tau_final']}), got {sdlora['gumbel_tau_init']}"
+        )
+    targets = sdlora["targets"]
+    if not targets or set(targets) - set("qkv") or len(set(targets)) != len(targets):
+        problems.append(f"sdlora.targets: must be distinct letters from 'qkv', got {targets!r}")
+    if (
+        benchmark["num_classes"] is not None
+        and benchmark["num_classes"] % benchmark["n_experiences"]
+    ):
+        problems.append(
+            f"benchmark.num_classes: must be a multiple of benchmark.n_experiences "
+            f"({benchmark['n_experiences']}), got {benchmark['num_classes']}"
+        )
+    if not config["experiment"]["seeds"]:
+        problems.append("experiment.seeds: must name at least one seed, got []")
+    device = config["experiment"]["device"]
+    if device != "cpu" and not (
+        device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        problems.append(f"experiment.device: expected cpu, cuda or cuda:N, got {device!r}")
+    return problems
+
+
+def describe_schema(schema: Mapping[str, Any] = SCHEMA, path: str = "") -> list[str]:
+    """One line per setting: dotted path, default and meaning (for ``--help`` and the docs)."""
+    lines = []
+    for key, node in schema.items():
+        if isinstance(node, Mapping):
+            lines.extend(describe_schema(node, f"{path}{key}."))
+        else:
+            lines.append(f"{path}{key} = {json.dumps(node.default)}: {node.help}")
+    return lines

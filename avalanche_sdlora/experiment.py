@@ -1,0 +1,363 @@
+"""Run a configured class-incremental experiment: every method x seed, resumable, with its outputs.
+
+Layout of a run folder::
+
+    config.json               the resolved configuration
+    metrics.json              every metric of DESIGN.md per method and seed, and mean +- std
+    accuracy_matrix.csv       R[t][j] per method and seed
+    pruning.csv               the pruning decisions of the gated SD-LoRA runs
+    summary.md                one table row per method
+    plots/*.png               seen-class accuracy, accuracy matrices, alpha/beta per adapter
+    <method>/seed<k>/         Avalanche's CSV and TensorBoard logs, checkpoint.pkl, progress.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger
+from avalanche.training.determinism.rng_manager import RNGManager
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
+
+from avalanche_sdlora.backbones import build_backbone, check_backbone
+from avalanche_sdlora.baselines import make_baseline
+from avalanche_sdlora.benchmarks import (
+    backbone_transforms,
+    check_dataset,
+    class_order,
+    make_benchmark,
+)
+from avalanche_sdlora.config import ConfigError
+from avalanche_sdlora.model import SDLoRAViT
+from avalanche_sdlora.outputs import atomic_write, write_csv, write_json, write_text
+from avalanche_sdlora.plots import plot_accuracy_matrix, plot_adapters, plot_seen_accuracy
+from avalanche_sdlora.plugins import AutocastPlugin, GumbelPruningPlugin
+from avalanche_sdlora.report import RunReport, peak_memory_mb, summarize_run
+from avalanche_sdlora.strategy import SDLoRA
+
+__all__ = ["methods_of", "preflight", "run_experiment"]
+
+SUMMARY_METRICS = (
+    "last_accuracy",
+    "average_incremental_accuracy",
+    "average_forgetting",
+    "backward_transfer",
+    "active_adapters",
+    "trainable_parameters",
+    "train_seconds",
+    "peak_memory_mb",
+)
+
+
+def methods_of(config: Mapping[str, Any]) -> list[str]:
+    """The main strategy, then the compared ones, each once."""
+    experiment = config["experiment"]
+    return list(dict.fromkeys([experiment["strategy"], *experiment["compare"]]))
+
+
+def preflight(config: Mapping[str, Any]) -> torch.nn.Module:
+    """Everything that can fail before work starts: data, device, and the backbone with its weights
+    (returned, for the data transforms). Raises ValueError kinds."""
+    benchmark = config["benchmark"]
+    check_dataset(benchmark["name"], benchmark["root"])
+    check_backbone(config["backbone"])
+    device = config["experiment"]["device"]
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError([f"experiment.device: {device} is not available on this machine"])
+    return build_backbone(config["backbone"])
+
+
+def _total_classes(benchmark: Mapping[str, Any]) -> int:
+    if benchmark["name"] == "split_cifar100":
+        return 100
+    if benchmark["name"] == "digits":
+        return 10
+    return sum(1 for d in (Path(benchmark["root"]) / "train").iterdir() if d.is_dir())
+
+
+def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
+    settings = config["benchmark"]
+    order = class_order(
+        _total_classes(settings), settings["class_order_seed"], settings["class_order"]
+    )
+    train_transform, eval_transform = backbone_transforms(backbone, settings["train_augmentation"])
+    return make_benchmark(
+        settings["name"],
+        root=settings["root"],
+        n_experiences=settings["n_experiences"],
+        order=order,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        num_classes=settings["num_classes"],
+        train_per_class=settings["train_per_class"],
+    )
+
+
+def _make_strategy(
+    method: str, config: Mapping[str, Any], folder: Path, num_classes: int
+) -> SupervisedTemplate:
+    experiment, training = config["experiment"], config["training"]
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        loss_metrics(epoch=True, stream=True),
+        loggers=[
+            InteractiveLogger(),
+            CSVLogger(str(folder / "csv")),
+            TensorboardLogger(str(folder / "tensorboard")),
+        ],
+    )
+    plugins = [AutocastPlugin()] if config["backbone"]["precision"] == "bf16" else []
+    template = {
+        "train_mb_size": training["batch_size"],
+        "train_epochs": training["epochs"],
+        "eval_mb_size": training["eval_batch_size"],
+        "device": experiment["device"],
+        "evaluator": evaluator,
+    }
+    backbone = build_backbone(config["backbone"])
+    if method != "sdlora":
+        return make_baseline(
+            method,
+            backbone,
+            config["baselines"][method],
+            num_classes=num_classes,
+            plugins=plugins,
+            **template,
+        )
+    s = config["sdlora"]
+    model = SDLoRAViT(
+        backbone,
+        rank=s["rank"],
+        targets=s["targets"],
+        blocks=s["blocks"],
+        gate=s["gate"],
+        init_logit=s["init_logit"],
+        alpha_init=s["alpha_init"],
+        tau_final=s["gumbel_tau_final"],
+    )
+    if s["pruning"]:
+        plugins.insert(0, GumbelPruningPlugin(s["num_samples"], s["prune_threshold"]))
+    settings = {k: s[k] for k in _STRATEGY_KEYS}
+    return SDLoRA(model=model, plugins=plugins, **settings, **template)
+
+
+_STRATEGY_KEYS = (
+    "lr", "alpha_lr", "gate_lr", "head_lr", "optimizer", "momentum", "weight_decay",
+    "phase1_fraction", "gumbel_tau_init", "gumbel_tau_final", "gumbel_anneal_rate",
+    "lambda_sparsity", "sparsity", "lambda_alpha", "loss_on", "pruning", "two_phase",
+)  # fmt: skip
+
+
+def _experience_record(strategy: SupervisedTemplate, index: int, seconds: float) -> dict:
+    """What every method reports per experience; SD-LoRA adds phases and adapters."""
+    if isinstance(strategy, SDLoRA):
+        return strategy.experience_log[-1]
+    trainable = sum(p.numel() for p in strategy.model.parameters() if p.requires_grad)
+    return {
+        "experience": index,
+        "trainable_parameters": trainable,
+        "train_seconds": seconds,
+        "peak_memory_mb": peak_memory_mb(strategy.device),
+    }
+
+
+def _run_one(
+    method: str, seed: int, config: Mapping[str, Any], benchmark, folder: Path, num_classes: int
+) -> RunReport:
+    """Train and evaluate one method with one seed, continuing from its checkpoint if any."""
+    progress_file, checkpoint = folder / "progress.json", folder / "checkpoint.pkl"
+    progress = {"eval_results": [], "records": []}
+    if progress_file.exists():
+        progress = json.loads(progress_file.read_text())
+    experiences = len(benchmark.train_stream)
+    RNGManager.set_random_seeds(seed)
+    strategy = _make_strategy(method, config, folder, num_classes)
+    start = 0
+    if progress["eval_results"] and checkpoint.exists():
+        strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=strategy.device)
+    del progress["eval_results"][start:], progress["records"][start:]
+    workers = {"num_workers": config["benchmark"]["num_workers"]}
+    for experience in benchmark.train_stream[start:]:
+        index = experience.current_experience
+        began = time.perf_counter()
+        strategy.train(experience, **workers)
+        seconds = time.perf_counter() - began
+        progress["eval_results"].append(strategy.eval(benchmark.test_stream, **workers))
+        progress["records"].append(_experience_record(strategy, index, seconds))
+        if config["experiment"]["checkpoint"]:
+            atomic_write(checkpoint, lambda target: save_checkpoint(strategy, target))
+        write_json(folder / "progress.json", _jsonable(progress))
+        _print_progress(method, seed, index, experiences, progress)
+    plugin = next((p for p in strategy.plugins if isinstance(p, GumbelPruningPlugin)), None)
+    history = plugin.history if plugin is not None else ()
+    return summarize_run(progress["eval_results"], progress["records"], history)
+
+
+def _print_progress(method: str, seed: int, index: int, total: int, progress: dict) -> None:
+    seen = summarize_run(progress["eval_results"]).seen_class_accuracy[-1]
+    record = progress["records"][-1]
+    adapters = (
+        f" | adapters {record['active_adapters']}/{record['adapters_added']}"
+        if "active_adapters" in record
+        else ""
+    )
+    print(
+        f"[{method} seed {seed}] experience {index + 1}/{total}: seen-class accuracy "
+        f"{seen:.2f}%{adapters} | {record['train_seconds']:.1f} s",
+        flush=True,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Metric dictionaries hold floats, tensors and NumPy scalars; keep the JSON-able numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items() if _jsonable(v) is not None}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+        return value.item()
+    return None
+
+
+def _summary(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
+    def final(report: RunReport, key: str) -> float:
+        if key in ("train_seconds",):
+            return float(sum(r.get(key, 0.0) for r in report.experiences))
+        if key in ("peak_memory_mb",):
+            return float(max(r.get(key, 0.0) for r in report.experiences))
+        if key in ("active_adapters", "trainable_parameters"):
+            return float(report.experiences[-1].get(key, float("nan")))
+        return float(getattr(report, key))
+
+    summary = {}
+    for key in SUMMARY_METRICS:
+        values = np.asarray([final(report, key) for report in reports])
+        summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
+    return summary
+
+
+def run_experiment(
+    config: Mapping[str, Any], run_dir: Path, backbone: torch.nn.Module
+) -> dict[str, Any]:
+    """Run (or continue) every method x seed of ``config`` in ``run_dir`` and write the outputs.
+
+    ``backbone`` (from :func:`preflight`) sets the data transforms; each run builds its own copy.
+    """
+    write_json(run_dir / "config.json", config)
+    started = time.perf_counter()
+    benchmark = _build_benchmark(config, backbone)
+    num_classes = sum(len(e.classes_in_this_experience) for e in benchmark.train_stream)
+    results: dict[str, dict[int, RunReport]] = {}
+    for method in methods_of(config):
+        for seed in config["experiment"]["seeds"]:
+            folder = run_dir / method / f"seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            report = _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes)
+            results.setdefault(method, {})[seed] = report
+    metrics = {
+        "methods": {
+            method: {
+                "summary": _summary(list(per_seed.values())),
+                "seeds": {str(seed): report.as_dict() for seed, report in per_seed.items()},
+            }
+            for method, per_seed in results.items()
+        },
+        "wall_seconds": time.perf_counter() - started,
+        "accuracy_unit": "percent",
+    }
+    _write_outputs(run_dir, metrics, results)
+    return metrics
+
+
+def _write_outputs(run_dir: Path, metrics: dict, results: dict[str, dict[int, RunReport]]) -> None:
+    write_json(run_dir / "metrics.json", _jsonable(metrics))
+    experiences = len(next(iter(next(iter(results.values())).values())).accuracy_matrix)
+    write_csv(
+        run_dir / "accuracy_matrix.csv",
+        ["method", "seed", "after_experience", *[f"exp{j}" for j in range(experiences)]],
+        (
+            [method, seed, t, *(f"{v:.2f}" for v in row)]
+            for method, per_seed in results.items()
+            for seed, report in per_seed.items()
+            for t, row in enumerate(report.accuracy_matrix)
+        ),
+    )
+    decision_fields = [
+        "experience",
+        "adapter",
+        "alpha",
+        "logit",
+        "mean_beta",
+        "frequency",
+        "pruned",
+        "new",
+    ]
+    write_csv(
+        run_dir / "pruning.csv",
+        ["method", "seed", *decision_fields],
+        (
+            [method, seed, *(row[f] for f in decision_fields)]
+            for method, per_seed in results.items()
+            for seed, report in per_seed.items()
+            for row in report.pruning
+        ),
+    )
+    write_text(run_dir / "summary.md", _summary_table(metrics))
+    plots = run_dir / "plots"
+    plot_seen_accuracy(
+        {m: [r.seen_class_accuracy for r in s.values()] for m, s in results.items()},
+        plots / "seen_accuracy.png",
+    )
+    for method, per_seed in results.items():
+        seed, report = next(iter(per_seed.items()))
+        plot_accuracy_matrix(
+            report.accuracy_matrix,
+            f"{method} (seed {seed})",
+            plots / f"accuracy_matrix_{method}.png",
+        )
+        if report.experiences and "adapters" in report.experiences[0]:
+            plot_adapters(
+                report.experiences, f"{method} (seed {seed})", plots / f"adapters_{method}.png"
+            )
+
+
+def _cell(statistic: Mapping[str, float], seeds: int, digits: int = 2) -> str:
+    """``mean +- std`` over seeds (just the value for one seed; ``-`` where not applicable)."""
+    mean, std = statistic["mean"], statistic["std"]
+    if np.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
+def _summary_table(metrics: Mapping[str, Any]) -> str:
+    columns = (
+        ("last acc. (%)", "last_accuracy", 2),
+        ("avg. incremental acc. (%)", "average_incremental_accuracy", 2),
+        ("avg. forgetting (%)", "average_forgetting", 2),
+        ("active adapters", "active_adapters", 1),
+        ("trainable params", "trainable_parameters", 0),
+        ("train time (s)", "train_seconds", 1),
+    )
+    lines = [
+        "| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for method, entry in metrics["methods"].items():
+        seeds, summary = len(entry["seeds"]), entry["summary"]
+        cells = [_cell(summary[key], seeds, digits) for _, key, digits in columns]
+        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""Plots of a run, as PNG: accuracy on the seen classes per method, accuracy matrices, and each
+adapter's alpha and beta over the experiences."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from avalanche_sdlora.outputs import atomic_write
+
+__all__ = ["plot_accuracy_matrix", "plot_adapters", "plot_seen_accuracy"]
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    atomic_write(path, lambda target: figure.savefig(target, dpi=120, format="png"))
+    plt.close(figure)
+
+
+def plot_seen_accuracy(curves: Mapping[str, Sequence[Sequence[float]]], path: Path) -> None:
+    """Accuracy (%) on the classes seen so far after each experience; one line per method
+    (mean over seeds, with a +-1 std band where there are several)."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, per_seed in curves.items():
+        values = np.asarray(per_seed, dtype=float)
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        steps = np.arange(1, values.shape[1] + 1)
+        axis.plot(steps, mean, marker="o", label=method)
+        if values.shape[0] > 1:
+            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    axis.set_xlabel("experiences trained")
+    axis.set_ylabel("accuracy on seen classes (%)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    _save(figure, path)
+
+
+def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str, path: Path) -> None:
+    """``R[t][j]`` as a heatmap: rows the experience just trained, columns the tested experience."""
+    values = np.asarray(matrix, dtype=float)
+    size = max(4.0, 0.5 * values.shape[0] + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    image = axis.imshow(values, vmin=0, vmax=100, cmap="viridis")
+    for (row, column), value in np.ndenumerate(values):
+        axis.text(column, row, f"{value:.0f}", ha="center", va="center", color="w", fontsize=7)
+    axis.set_xlabel("tested experience")
+    axis.set_ylabel("after training experience")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, label="accuracy (%)")
+    _save(figure, path)
+
+
+def plot_adapters(experience_log: Sequence[Mapping], title: str, path: Path) -> None:
+    """Each adapter's alpha and evaluation beta after every experience (pruned: not drawn)."""
+    figure, (alpha_axis, beta_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    adapters = {a["adapter"] for record in experience_log for a in record["adapters"]}
+    for adapter in sorted(adapters):
+        points = [
+            (record["experience"], a["alpha"], a["beta"])
+            for record in experience_log
+            for a in record["adapters"]
+            if a["adapter"] == adapter and not a["pruned"]
+        ]
+        if not points:
+            continue
+        steps, alphas, betas = zip(*points, strict=True)
+        alpha_axis.plot(steps, alphas, marker="o", label=f"adapter {adapter}")
+        beta_axis.plot(steps, betas, marker="o", label=f"adapter {adapter}")
+    for axis, name in ((alpha_axis, "alpha (magnitude)"), (beta_axis, "beta (gate, evaluation)")):
+        axis.set_xlabel("after experience")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    beta_axis.legend(fontsize=7, ncol=2)
+    figure.suptitle(title)
+    _save(figure, path)

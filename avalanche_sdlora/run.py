@@ -1,0 +1,130 @@
+"""Command line: ``python -m avalanche_sdlora.run --config exps/c100.json``.
+
+Exit codes: 0 success, 2 bad input (reported before any work, no run folder left), 1 a failure while
+running (the run folder keeps what finished; ``--resume`` continues it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from avalanche_sdlora.config import BASELINES, ConfigError, describe_schema, load_config
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m avalanche_sdlora.run",
+        description="Run a class-incremental SD-LoRA experiment (and Avalanche baselines).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (--set key=value), with their defaults:\n  "
+        + "\n  ".join(describe_schema()),
+    )
+    parser.add_argument("--config", type=Path, help="JSON experiment config (see exps/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.SUB=VALUE",
+        help="override one setting, typed by the schema (repeatable), e.g. --set training.epochs=1",
+    )
+    parser.add_argument("--output", type=Path, help="run folder (default: runs/<experiment.name>)")
+    parser.add_argument("--seed", type=int, help="run this one seed (sets experiment.seeds)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (sets experiment.device)")
+    parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    parser.add_argument(
+        "--compare",
+        metavar="METHODS",
+        help=f"comma-separated methods to run too: {','.join(BASELINES)} (sets experiment.compare)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and plan; train nothing"
+    )
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> tuple[dict, Path]:
+    """The validated config and the run folder; raises ValueError kinds on bad input."""
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"experiment.seeds=[{args.seed}]")
+    if args.device is not None:
+        overrides.append(f"experiment.device={args.device}")
+    if args.compare is not None:
+        methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+        overrides.append(f"experiment.compare={json.dumps(methods)}")
+    if args.resume is not None:
+        saved = args.resume / "config.json"
+        if not saved.is_file():
+            raise ConfigError([f"--resume {args.resume}: no config.json there (not a run folder)"])
+        return load_config(saved, overrides), args.resume
+    if args.config is None:
+        raise ConfigError(["--config is required (or --resume DIR)"])
+    config = load_config(args.config, overrides)
+    run_dir = args.output or Path("runs") / config["experiment"]["name"]
+    if (run_dir / "metrics.json").exists() or (run_dir / "config.json").exists():
+        raise ConfigError([f"--output {run_dir} already holds a run; use --resume {run_dir}"])
+    return config, run_dir
+
+
+def _plan(config: dict, run_dir: Path) -> str:
+    from avalanche_sdlora.experiment import methods_of
+
+    b, t = config["benchmark"], config["training"]
+    return "\n".join(
+        [
+            f"run folder: {run_dir}",
+            f"benchmark: {b['name']} ({b['root']}), {b['n_experiences']} experiences",
+            f"backbone: {config['backbone']['name']} ({config['backbone']['precision']})",
+            f"methods: {', '.join(methods_of(config))}; seeds: {config['experiment']['seeds']}",
+            f"training: {t['epochs']} epochs per experience, batch {t['batch_size']}",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message="no QP solver found")  # avalanche's optional extra
+    args = _parser().parse_args(argv)
+    try:
+        config, run_dir = _resolve(args)
+        from avalanche_sdlora.experiment import preflight  # heavy imports after the cheap checks
+
+        backbone = preflight(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.dry_run:
+        print(json.dumps(config, indent=2))
+        print(_plan(config, run_dir))
+        return EXIT_OK
+    from avalanche_sdlora.experiment import run_experiment
+
+    fresh = not run_dir.exists()
+    started = time.perf_counter()
+    try:
+        run_experiment(config, run_dir, backbone)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with --resume {run_dir}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as error:  # a failure while running: keep what finished, say how to go on
+        if fresh and not any(run_dir.rglob("progress.json")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"error while running: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"finished experiences are kept; continue with --resume {run_dir}", file=sys.stderr)
+        return EXIT_FAILURE
+    print((run_dir / "summary.md").read_text())
+    print(f"done in {time.perf_counter() - started:.0f} s; results in {run_dir}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from avalanche_sdlora import plots
+from avalanche_sdlora.run import main
+from avalanche_sdlora.strategy import SDLoRA
+
+DEMO = str(Path(__file__).parents[1] / "exps" / "demo.json")
+SHRINK = [
+    "--set", "training.epochs=1",
+    "--set", "benchmark.num_classes=4",
+    "--set", "benchmark.n_experiences=2",
+    "--set", "benchmark.train_per_class=15",
+]  # fmt: skip
+
+
+def test_demo_end_to_end_with_a_baseline(tmp_path, monkeypatch, capsys):
+    lines_per_plot = {}
+    save = plots._save
+
+    def counting_save(figure, path):
+        lines_per_plot[path.name] = len(figure.axes[0].get_lines())
+        save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", counting_save)
+    out = tmp_path / "run"
+    assert main(["--config", DEMO, "--output", str(out), *SHRINK, "--compare", "naive"]) == 0
+
+    for name in ("config.json", "metrics.json", "accuracy_matrix.csv", "pruning.csv", "summary.md"):
+        assert (out / name).stat().st_size > 0
+    for method in ("sdlora", "naive"):
+        assert (out / method / "seed0" / "checkpoint.pkl").exists()
+        assert (out / method / "seed0" / "csv" / "eval_results.csv").exists()
+        assert any((out / method / "seed0" / "tensorboard").iterdir())
+    assert (out / "plots" / "adapters_sdlora.png").exists()
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["sdlora", "naive"]
+    for entry in metrics["methods"].values():
+        report = entry["seeds"]["0"]
+        matrix = report["accuracy_matrix"]
+        assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+        assert all(0.0 <= v <= 100.0 for row in matrix for v in row)
+        assert report["last_accuracy"] == pytest.approx((matrix[1][0] + matrix[1][1]) / 2)
+        assert report["average_incremental_accuracy"] == pytest.approx(
+            (matrix[0][0] + report["last_accuracy"]) / 2
+        )
+        assert entry["summary"]["last_accuracy"]["mean"] == pytest.approx(report["last_accuracy"])
+    sdlora_log = metrics["methods"]["sdlora"]["seeds"]["0"]["experiences"]
+    assert [r["adapters_added"] for r in sdlora_log] == [1, 2]
+    assert set(sdlora_log[0]["phase_seconds"]) == {"2"}  # one epoch: phase 2 only
+
+    csv_rows = (out / "accuracy_matrix.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + 2 * 2
+    table = [r for r in (out / "summary.md").read_text().splitlines() if r.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in table[1:]] == ["sdlora", "naive"]
+    assert lines_per_plot["seen_accuracy.png"] == 2
+    printed = capsys.readouterr().out
+    assert "[sdlora seed 0] experience 2/2: seen-class accuracy" in printed
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--set", "training.epocs=1"], "training.epocs: unknown key; did you mean 'epochs'"),
+        (["--set", "training.epochs=x"], "training.epochs: expected int, got 'x'"),
+        (["--set", "sdlora.phase1_fraction=2"], "sdlora.phase1_fraction: must be in (0, 1)"),
+        (
+            ["--set", "benchmark.name=imagefolder", "--set", "benchmark.root=/nonexistent/tin"],
+            "/nonexistent/tin/train",
+        ),
+        (
+            ["--set", "backbone.pretrained_file=/nonexistent/w.safetensors"],
+            "backbone.pretrained_file: /nonexistent/w.safetensors does not exist",
+        ),
+        (["--compare", "naive,sgd"], "'sgd' is not allowed"),
+    ],
+)
+def test_bad_input_exits_2_before_any_work(tmp_path, capsys, overrides, message):
+    out = tmp_path / "run"
+    assert main(["--config", DEMO, "--output", str(out), *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--config", DEMO, "--output", str(out), "--dry-run", "--seed", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert '"seeds": [\n      4\n    ]' in printed
+    assert "methods: sdlora, naive; seeds: [4]" in printed
+    assert not out.exists()
+
+
+def test_resume_after_a_crash_ends_with_the_same_metrics(tmp_path, monkeypatch):
+    args = ["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]"]
+    assert main([*args, "--output", str(tmp_path / "whole")]) == 0
+
+    train = SDLoRA.train
+    calls = []
+
+    def crash_on_second_experience(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return train(self, *a, **k)
+
+    monkeypatch.setattr(SDLoRA, "train", crash_on_second_experience)
+    broken = tmp_path / "broken"
+    assert main([*args, "--output", str(broken)]) == 1
+    assert not (broken / "metrics.json").exists()
+    monkeypatch.setattr(SDLoRA, "train", train)
+    assert main(["--resume", str(broken)]) == 0
+
+    def runs(folder):
+        return json.loads((folder / "metrics.json").read_text())["methods"]["sdlora"]["seeds"]
+
+    whole, resumed = runs(tmp_path / "whole"), runs(broken)
+    assert resumed["0"]["accuracy_matrix"] == whole["0"]["accuracy_matrix"]
+    assert resumed["0"]["pruning"] == whole["0"]["pruning"]
+
+
+def test_an_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["--config", DEMO, "--output", str(tmp_path)]) == 2
+    assert "use --resume" in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--config",
+        "--set",
+        "--output",
+        "--seed",
+        "--device",
+        "--resume",
+        "--compare",
+        "--dry-run",
+    ):
+        assert option in text
+    assert "sdlora.phase1_fraction = 0.6" in text
