@@ -106,7 +106,7 @@ class LoRAQKV(nn.Module):
         b = b * scales[:, :, None, None]
         b_stack = b.permute(1, 2, 0, 3).reshape(self.num_projections, self.slice_features, n * r)
         a_stack = a.permute(1, 0, 2, 3).reshape(self.num_projections, n * r, self.in_features)
-        delta = torch.bmm(b_stack, a_stack).reshape(-1, self.in_features)
+        delta = torch.bmm(b_stack, a_stack).reshape(-1, self.in_features).to(self.weight.dtype)
         return self.weight.index_add(0, self.target_rows, delta)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from avalanche_sdlora import plots
 from avalanche_sdlora.run import main
@@ -145,3 +146,44 @@ def test_help_explains_every_option(capsys):
     ):
         assert option in text
     assert "sdlora.phase1_fraction = 0.6" in text
+
+
+def test_bf16_precision_runs_under_autocast_on_the_cpu(tmp_path, monkeypatch):
+    from avalanche_sdlora.plugins import AutocastPlugin
+
+    dtypes = []
+    before = AutocastPlugin.before_forward
+
+    def spy(self, strategy, **kwargs):
+        before(self, strategy, **kwargs)
+        dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    monkeypatch.setattr(AutocastPlugin, "before_forward", spy)
+    args = [*SHRINK, "--set", "experiment.compare=[]", "--set", "backbone.precision=bf16"]
+    assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 0
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert not torch.is_autocast_enabled("cpu")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["methods"]["sdlora"]["seeds"]["0"]["last_accuracy"] >= 0.0
+
+
+def test_summary_over_seeds_reports_mean_and_std():
+    from avalanche_sdlora.experiment import _summary, _summary_table
+    from avalanche_sdlora.report import summarize_run
+
+    def report(first: float, second: float):
+        key = "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{:03d}"
+        results = [
+            {key.format(0): first, key.format(1): 0.0},
+            {key.format(0): first, key.format(1): second},
+        ]
+        records = [{"train_seconds": 1.0, "peak_memory_mb": 10.0, "trainable_parameters": 5}] * 2
+        return summarize_run(results, records)
+
+    summary = _summary([report(0.8, 0.6), report(0.6, 0.6)])
+    assert summary["last_accuracy"]["mean"] == pytest.approx(65.0)
+    assert summary["last_accuracy"]["std"] == pytest.approx(5.0)
+    assert summary["train_seconds"]["mean"] == pytest.approx(2.0)
+    table = _summary_table({"methods": {"m": {"summary": summary, "seeds": {"0": 0, "1": 1}}}})
+    assert "| m | 2 | 65.00 ± 5.00 |" in table
+    assert "| - |" in table  # no adapters for a baseline

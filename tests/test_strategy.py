@@ -172,6 +172,9 @@ def test_pruning_removes_the_rarely_selected_adapter():
     assert strategy.pruning_plugin is pruning and strategy.plugins.count(pruning) == 1
     last = [d for d in pruning.history if d.experience == 2]
     assert [d.adapter for d in last if d.pruned] == [1]
+    logged = strategy.evaluator.get_last_metrics()  # published to every logger
+    assert logged["Pruning/Exp002/Adapter001/pruned"] == 1.0
+    assert logged["Pruning/Exp002/Adapter001/frequency"] < 0.2
     assert model.gate.active_indices == [0, 2]
     per_adapter = 2 * 2 * 4 * (32 + 32) + 2
     assert counts[2] == (2, 2 * per_adapter + 6 * 32 + 6)  # head: 6 classes seen
