@@ -40,8 +40,13 @@ from avalanche_sdlora.benchmarks import (
 from avalanche_sdlora.config import ConfigError
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.outputs import atomic_write, write_csv, write_json, write_text
-from avalanche_sdlora.plots import plot_accuracy_matrix, plot_adapters, plot_seen_accuracy
-from avalanche_sdlora.plugins import AutocastPlugin, GumbelPruningPlugin
+from avalanche_sdlora.plots import (
+    plot_accuracy_matrix,
+    plot_adapters,
+    plot_gate_trace,
+    plot_seen_accuracy,
+)
+from avalanche_sdlora.plugins import AutocastPlugin, GateTracePlugin, GumbelPruningPlugin
 from avalanche_sdlora.report import RunReport, peak_memory_mb, summarize_run
 from avalanche_sdlora.strategy import SDLoRA
 
@@ -147,6 +152,7 @@ def _make_strategy(
         alpha_init=s["alpha_init"],
         tau_final=s["gumbel_tau_final"],
     )
+    plugins.append(GateTracePlugin())
     if s["pruning"]:
         plugins.insert(0, GumbelPruningPlugin(s["num_samples"], s["prune_threshold"]))
     settings = {k: s[k] for k in _STRATEGY_KEYS}
@@ -200,9 +206,18 @@ def _run_one(
             atomic_write(checkpoint, lambda target: save_checkpoint(strategy, target))
         write_json(folder / "progress.json", _jsonable(progress))
         _print_progress(method, seed, index, experiences, progress)
-    plugin = next((p for p in strategy.plugins if isinstance(p, GumbelPruningPlugin)), None)
-    history = plugin.history if plugin is not None else ()
-    return summarize_run(progress["eval_results"], progress["records"], history)
+    pruning = _plugin(strategy, GumbelPruningPlugin)
+    trace = _plugin(strategy, GateTracePlugin)
+    return summarize_run(
+        progress["eval_results"],
+        progress["records"],
+        pruning.history if pruning else (),
+        trace.trace if trace else (),
+    )
+
+
+def _plugin(strategy: SupervisedTemplate, kind: type):
+    return next((p for p in strategy.plugins if isinstance(p, kind)), None)
 
 
 def _print_progress(method: str, seed: int, index: int, total: int, progress: dict) -> None:
@@ -329,6 +344,10 @@ def _write_outputs(run_dir: Path, metrics: dict, results: dict[str, dict[int, Ru
             f"{method} (seed {seed})",
             plots / f"accuracy_matrix_{method}.png",
         )
+        if report.gate_trace:
+            plot_gate_trace(
+                report.gate_trace, f"{method} (seed {seed})", plots / f"gate_trace_{method}.png"
+            )
         if report.experiences and "adapters" in report.experiences[0]:
             plot_adapters(
                 report.experiences, f"{method} (seed {seed})", plots / f"adapters_{method}.png"

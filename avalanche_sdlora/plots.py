@@ -14,7 +14,7 @@ import numpy as np
 
 from avalanche_sdlora.outputs import atomic_write
 
-__all__ = ["plot_accuracy_matrix", "plot_adapters", "plot_seen_accuracy"]
+__all__ = ["plot_accuracy_matrix", "plot_adapters", "plot_gate_trace", "plot_seen_accuracy"]
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
@@ -76,5 +76,31 @@ def plot_adapters(experience_log: Sequence[Mapping], title: str, path: Path) -> 
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
     beta_axis.legend(fontsize=7, ncol=2)
+    figure.suptitle(title)
+    _save(figure, path)
+
+
+def plot_gate_trace(trace: Sequence[Mapping], title: str, path: Path) -> None:
+    """Each adapter's alpha, mean training beta and their product after every training epoch.
+
+    A beta falling while alpha rises, with the product steady, is the compensation the two phases
+    are meant to prevent.
+    """
+    epochs: dict[tuple[int, int], int] = {}
+    for row in trace:
+        epochs.setdefault((row["experience"], row["epoch"]), len(epochs))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for adapter in sorted({row["adapter"] for row in trace}):
+        rows = [row for row in trace if row["adapter"] == adapter]
+        steps = [epochs[(row["experience"], row["epoch"])] for row in rows]
+        alphas = np.asarray([row["alpha"] for row in rows])
+        betas = np.asarray([row["beta"] for row in rows])
+        for axis, values in zip(axes, (alphas, betas, alphas * betas), strict=True):
+            axis.plot(steps, values, label=f"adapter {adapter}")
+    for axis, name in zip(axes, ("alpha", "mean beta (training)", "alpha x beta"), strict=True):
+        axis.set_xlabel("training epoch (all experiences)")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, ncol=2)
     figure.suptitle(title)
     _save(figure, path)

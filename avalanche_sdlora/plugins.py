@@ -8,7 +8,7 @@ from avalanche.training.plugins import SupervisedPlugin
 
 from avalanche_sdlora.pruning import AdapterDecision, SelectionPruner
 
-__all__ = ["AutocastPlugin", "GumbelPruningPlugin"]
+__all__ = ["AutocastPlugin", "GateTracePlugin", "GumbelPruningPlugin"]
 
 
 class GumbelPruningPlugin(SupervisedPlugin):
@@ -82,3 +82,42 @@ class AutocastPlugin(SupervisedPlugin):
 
     def after_eval_forward(self, strategy, **kwargs) -> None:
         self._exit(strategy)
+
+
+class GateTracePlugin(SupervisedPlugin):
+    """Records every adapter's alpha and mean training beta after each training epoch.
+
+    ``trace`` holds one row per epoch and adapter (experience, phase, epoch, adapter, alpha, beta), so
+    one can see whether a shrinking beta is compensated by a growing alpha (the seed's
+    identifiability problem, which the two phases are meant to remove).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.trace: list[dict[str, float | int]] = []
+        self._beta_sum: torch.Tensor | None = None
+        self._steps = 0
+
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        self._beta_sum, self._steps = None, 0
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        beta = strategy.model.last_beta.detach()
+        self._beta_sum = beta if self._beta_sum is None else self._beta_sum + beta
+        self._steps += 1
+
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        if not self._steps:
+            return
+        gate, mean_beta = strategy.model.gate, (self._beta_sum / self._steps).tolist()
+        for adapter in gate.active_indices:
+            self.trace.append(
+                {
+                    "experience": strategy.clock.train_exp_counter,
+                    "phase": strategy.phase,
+                    "epoch": strategy.clock.train_exp_epochs,
+                    "adapter": adapter,
+                    "alpha": gate.alphas[adapter].item(),
+                    "beta": mean_beta[adapter],
+                }
+            )

@@ -68,6 +68,7 @@ class RunReport:
     seen_class_accuracy: list[float]
     experiences: list[dict] = field(default_factory=list)
     pruning: list[dict] = field(default_factory=list)
+    gate_trace: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,11 +78,13 @@ def summarize_run(
     eval_results: Sequence[Mapping[str, float]],
     experience_log: Sequence[Mapping] = (),
     pruning_history: Sequence[AdapterDecision] = (),
+    gate_trace: Sequence[Mapping] = (),
     test_sizes: Sequence[int] | None = None,
     stream: str = "test_stream",
 ) -> RunReport:
     """Accuracy matrix, last and average incremental accuracy, forgetting and BWT, plus the per-
-    experience records (active adapters, trainable parameters, wall time per phase, peak memory).
+    experience records (active adapters, trainable parameters, wall time per phase, peak memory),
+    the pruning decisions and the per-epoch alpha/beta trace (``GateTracePlugin.trace``).
 
     ``test_sizes`` (samples per experience's test set) weights the accuracy on the classes seen so
     far; without it every experience weighs the same (the benchmarks here have equal sizes).
@@ -111,4 +114,5 @@ def summarize_run(
         seen_class_accuracy=seen,
         experiences=[dict(record) for record in experience_log],
         pruning=[decision.as_dict() for decision in pruning_history],
+        gate_trace=[dict(row) for row in gate_trace],
     )

@@ -36,6 +36,7 @@ def test_demo_end_to_end_with_a_baseline(tmp_path, monkeypatch, capsys):
         assert (out / method / "seed0" / "csv" / "eval_results.csv").exists()
         assert any((out / method / "seed0" / "tensorboard").iterdir())
     assert (out / "plots" / "adapters_sdlora.png").exists()
+    assert (out / "plots" / "gate_trace_sdlora.png").exists()
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["methods"]) == ["sdlora", "naive"]
@@ -52,6 +53,8 @@ def test_demo_end_to_end_with_a_baseline(tmp_path, monkeypatch, capsys):
     sdlora_log = metrics["methods"]["sdlora"]["seeds"]["0"]["experiences"]
     assert [r["adapters_added"] for r in sdlora_log] == [1, 2]
     assert set(sdlora_log[0]["phase_seconds"]) == {"2"}  # one epoch: phase 2 only
+    trace = metrics["methods"]["sdlora"]["seeds"]["0"]["gate_trace"]
+    assert [(r["experience"], r["adapter"]) for r in trace] == [(0, 0), (1, 0), (1, 1)]
 
     csv_rows = (out / "accuracy_matrix.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + 2 * 2

@@ -21,6 +21,7 @@ from streams import separable_benchmark
 
 from avalanche_sdlora import GumbelPruningPlugin, SDLoRA, SDLoRAViT
 from avalanche_sdlora.gate import annealed_temperature
+from avalanche_sdlora.plugins import GateTracePlugin
 from avalanche_sdlora.pruning import SelectionPruner
 from avalanche_sdlora.report import summarize_run
 from avalanche_sdlora.strategy import JOINT_PHASE
@@ -323,3 +324,22 @@ def test_report_metrics_from_a_known_matrix():
     assert math.isclose(summarize_run(results[:1]).average_forgetting, 0.0)
     with pytest.raises(ValueError, match="lacks per-experience accuracies"):
         summarize_run([{"Top1_Acc_Stream/eval_phase/test_stream/Task000": 0.5}])
+
+
+def test_gate_trace_records_alpha_and_beta_per_adapter_and_epoch():
+    trace = GateTracePlugin()
+    strategy = make_strategy([trace], two_phase=False, train_epochs=2)
+    for experience in separable_benchmark().train_stream[:2]:
+        strategy.train(experience)
+    rows = trace.trace
+    assert [(r["experience"], r["epoch"], r["adapter"]) for r in rows] == [
+        (0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1),
+    ]  # fmt: skip
+    assert {r["phase"] for r in rows} == {JOINT_PHASE}
+    assert rows[0]["beta"] == 1.0  # a single adapter takes all of beta
+    second = [r["beta"] for r in rows if r["experience"] == 1 and r["epoch"] == 0]
+    assert sum(second) == pytest.approx(1.0, abs=1e-5)
+    # the trace holds the trained alpha; consolidation then rescales it by the mean ||BA||
+    model = strategy.model
+    consolidated = rows[-1]["alpha"] * model.adapter_norms(1).mean().item()
+    assert model.gate.alphas[1].item() == pytest.approx(consolidated, rel=1e-5)
