@@ -202,9 +202,10 @@ def _run_one(
         seconds = time.perf_counter() - began
         progress["eval_results"].append(strategy.eval(benchmark.test_stream, **workers))
         progress["records"].append(_experience_record(strategy, index, seconds))
+        # progress first: a crash between the two then retrains this experience, never skips it
+        write_json(folder / "progress.json", _jsonable(progress))
         if config["experiment"]["checkpoint"]:
             atomic_write(checkpoint, lambda target: save_checkpoint(strategy, target))
-        write_json(folder / "progress.json", _jsonable(progress))
         _print_progress(method, seed, index, experiences, progress)
     pruning = _plugin(strategy, GumbelPruningPlugin)
     trace = _plugin(strategy, GateTracePlugin)
