@@ -20,6 +20,7 @@ __all__ = [
     "BASELINES",
     "METHODS",
     "SCHEMA",
+    "SDLORA_VARIANTS",
     "ConfigError",
     "Setting",
     "apply_override",
@@ -30,7 +31,15 @@ __all__ = [
 ]
 
 BASELINES = ("naive", "ewc", "lwf", "replay", "cumulative", "l2p")
-METHODS = ("sdlora", *BASELINES)
+SDLORA_VARIANTS: dict[str, dict[str, bool]] = {
+    "sdlora": {},
+    "sdlora_joint": {
+        "two_phase": False
+    },  # the gate, trained in one joint phase (the seed's ablation)
+    "sdlora_plain": {"gate": False},  # plain SD-LoRA
+}
+"""SD-LoRA methods: the ``sdlora`` section with these settings overridden."""
+METHODS = (*SDLORA_VARIANTS, *BASELINES)
 _NUMBER = (int, float)
 
 
@@ -112,6 +121,9 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "strategy": Setting("sdlora", (str,), "the main method", choices=METHODS),
         "compare": Setting([], (list,), "methods run too, on the same benchmark", choices=METHODS),
         "seeds": Setting([0], (list,), "training seeds; metrics get mean +- std", check=_int_list),
+        "baseline_seeds": Setting(
+            None, (list,), "seeds of the baselines (null: seeds)", nullable=True, check=_int_list
+        ),
         "device": Setting("cpu", (str,), "cpu, cuda or cuda:N"),
         "checkpoint": Setting(True, (bool,), "save an Avalanche checkpoint after every experience"),
     },
@@ -397,8 +409,9 @@ def _cross_checks(config: Mapping[str, Any]) -> list[str]:
             f"benchmark.num_classes: must be a multiple of benchmark.n_experiences "
             f"({benchmark['n_experiences']}), got {benchmark['num_classes']}"
         )
-    if not config["experiment"]["seeds"]:
-        problems.append("experiment.seeds: must name at least one seed, got []")
+    for key in ("seeds", "baseline_seeds"):
+        if config["experiment"][key] == []:
+            problems.append(f"experiment.{key}: must name at least one seed, got []")
     device = config["experiment"]["device"]
     if device != "cpu" and not (
         device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())

@@ -37,7 +37,7 @@ from avalanche_sdlora.benchmarks import (
     class_order,
     make_benchmark,
 )
-from avalanche_sdlora.config import ConfigError
+from avalanche_sdlora.config import SDLORA_VARIANTS, ConfigError
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.outputs import atomic_write, write_csv, write_json, write_text
 from avalanche_sdlora.plots import (
@@ -50,7 +50,7 @@ from avalanche_sdlora.plugins import AutocastPlugin, GateTracePlugin, GumbelPrun
 from avalanche_sdlora.report import RunReport, peak_memory_mb, summarize_run
 from avalanche_sdlora.strategy import SDLoRA
 
-__all__ = ["methods_of", "preflight", "run_experiment"]
+__all__ = ["methods_of", "preflight", "run_experiment", "seeds_of"]
 
 SUMMARY_METRICS = (
     "last_accuracy",
@@ -68,6 +68,14 @@ def methods_of(config: Mapping[str, Any]) -> list[str]:
     """The main strategy, then the compared ones, each once."""
     experiment = config["experiment"]
     return list(dict.fromkeys([experiment["strategy"], *experiment["compare"]]))
+
+
+def seeds_of(config: Mapping[str, Any], method: str) -> list[int]:
+    """The seeds a method runs with: ``baseline_seeds`` (if set) for the baselines."""
+    experiment = config["experiment"]
+    if method in SDLORA_VARIANTS or experiment["baseline_seeds"] is None:
+        return experiment["seeds"]
+    return experiment["baseline_seeds"]
 
 
 def preflight(config: Mapping[str, Any]) -> torch.nn.Module:
@@ -132,7 +140,7 @@ def _make_strategy(
         "evaluator": evaluator,
     }
     backbone = build_backbone(config["backbone"])
-    if method != "sdlora":
+    if method not in SDLORA_VARIANTS:
         return make_baseline(
             method,
             backbone,
@@ -141,7 +149,7 @@ def _make_strategy(
             plugins=plugins,
             **template,
         )
-    s = config["sdlora"]
+    s = {**config["sdlora"], **SDLORA_VARIANTS[method]}
     model = SDLoRAViT(
         backbone,
         rank=s["rank"],
@@ -279,7 +287,7 @@ def run_experiment(
     num_classes = sum(len(e.classes_in_this_experience) for e in benchmark.train_stream)
     results: dict[str, dict[int, RunReport]] = {}
     for method in methods_of(config):
-        for seed in config["experiment"]["seeds"]:
+        for seed in seeds_of(config, method):
             folder = run_dir / method / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             report = _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes)

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from avalanche_sdlora.config import BASELINES, ConfigError, describe_schema, load_config
+from avalanche_sdlora.config import METHODS, ConfigError, describe_schema, load_config
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare",
         metavar="METHODS",
-        help=f"comma-separated methods to run too: {','.join(BASELINES)} (sets experiment.compare)",
+        help=f"comma-separated methods to run too: {','.join(METHODS)} (sets experiment.compare; "
+        "sdlora_joint: gate trained in one joint phase, sdlora_plain: gate off)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and plan; train nothing"
@@ -85,7 +86,8 @@ def _plan(config: dict, run_dir: Path) -> str:
             f"run folder: {run_dir}",
             f"benchmark: {b['name']} ({b['root']}), {b['n_experiences']} experiences",
             f"backbone: {config['backbone']['name']} ({config['backbone']['precision']})",
-            f"methods: {', '.join(methods_of(config))}; seeds: {config['experiment']['seeds']}",
+            f"methods: {', '.join(methods_of(config))}; seeds: {config['experiment']['seeds']}"
+            f" (baselines: {config['experiment']['baseline_seeds'] or config['experiment']['seeds']})",
             f"training: {t['epochs']} epochs per experience, batch {t['batch_size']}",
         ]
     )

@@ -190,3 +190,23 @@ def test_summary_over_seeds_reports_mean_and_std():
     table = _summary_table({"methods": {"m": {"summary": summary, "seeds": {"0": 0, "1": 1}}}})
     assert "| m | 2 | 65.00 ± 5.00 |" in table
     assert "| - |" in table  # no adapters for a baseline
+
+
+def test_sdlora_variants_and_baseline_seeds(tmp_path, capsys):
+    from avalanche_sdlora.config import load_config
+    from avalanche_sdlora.experiment import _make_strategy, seeds_of
+
+    args = ["--compare", "sdlora_joint,sdlora_plain,naive", "--set", "experiment.seeds=[0,1,2]"]
+    args += ["--set", "experiment.baseline_seeds=[0]", "--dry-run"]
+    assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 0
+    plan = capsys.readouterr().out
+    assert "methods: sdlora, sdlora_joint, sdlora_plain, naive; seeds: [0, 1, 2] (baselines: [0])" in plan
+
+    config = load_config(DEMO, ["experiment.baseline_seeds=[0]", "experiment.seeds=[0,1,2]"])
+    assert seeds_of(config, "sdlora_plain") == [0, 1, 2] and seeds_of(config, "naive") == [0]
+    joint = _make_strategy("sdlora_joint", config, tmp_path / "joint", 10)
+    plain = _make_strategy("sdlora_plain", config, tmp_path / "plain", 10)
+    gated = _make_strategy("sdlora", config, tmp_path / "gated", 10)
+    assert (joint.two_phase, joint.model.gate_enabled) == (False, True)
+    assert (plain.two_phase, plain.model.gate_enabled) == (True, False)
+    assert (gated.two_phase, gated.model.gate_enabled) == (True, True)
