@@ -200,7 +200,10 @@ def test_sdlora_variants_and_baseline_seeds(tmp_path, capsys):
     args += ["--set", "experiment.baseline_seeds=[0]", "--dry-run"]
     assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 0
     plan = capsys.readouterr().out
-    assert "methods: sdlora, sdlora_joint, sdlora_plain, naive; seeds: [0, 1, 2] (baselines: [0])" in plan
+    assert (
+        "methods: sdlora, sdlora_joint, sdlora_plain, naive; seeds: [0, 1, 2] (baselines: [0])"
+        in plan
+    )
 
     config = load_config(DEMO, ["experiment.baseline_seeds=[0]", "experiment.seeds=[0,1,2]"])
     assert seeds_of(config, "sdlora_plain") == [0, 1, 2] and seeds_of(config, "naive") == [0]
