@@ -213,3 +213,12 @@ def test_sdlora_variants_and_baseline_seeds(tmp_path, capsys):
     assert (joint.two_phase, joint.model.gate_enabled) == (False, True)
     assert (plain.two_phase, plain.model.gate_enabled) == (True, False)
     assert (gated.two_phase, gated.model.gate_enabled) == (True, True)
+
+
+def test_l2p_baseline_runs_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    args = [*SHRINK, "--set", "experiment.strategy=l2p", "--set", "experiment.compare=[]"]
+    assert main(["--config", DEMO, "--output", str(out), *args]) == 0
+    report = json.loads((out / "metrics.json").read_text())["methods"]["l2p"]["seeds"]["0"]
+    assert len(report["accuracy_matrix"]) == 2
+    assert report["experiences"][0]["trainable_parameters"] > 0

@@ -8,14 +8,15 @@ from avalanche.training import LearningToPrompt
 from avalanche.training.plugins import EvaluationPlugin
 from streams import separable_benchmark
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import DataLoader
 
 from avalanche_sdlora.l2p import make_l2p
 
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 LAYOUTS = {
-    # ViT-B/16's layout: class token, [CLS] pooling, final LayerNorm; Avalanche's L2P settings
+    # ViT-B/16's layout (class token, [CLS] pooling, final LayerNorm) with Avalanche's L2P settings
     "cls-token": ({}, {}),
-    # the project's CPU backbone's layout: no class token, average pooling into fc_norm
+    # the project's CPU backbone's layout (no class token, average pooling into fc_norm)
     "avg-pool": (
         {"class_token": False, "global_pool": "avg"},
         {"pool_size": 6, "prompt_length": 3, "top_k": 2},
@@ -27,6 +28,38 @@ def tiny_vit(**kwargs) -> VisionTransformer:
     return VisionTransformer(**{**TINY, "num_classes": 0, **kwargs})
 
 
+def pretrained_tiny_vit(steps: int = 60, **kwargs) -> VisionTransformer:
+    """A tiny ViT briefly trained on 8 classes disjoint from the benchmark's (other prototypes).
+
+    L2P needs a pretrained encoder: in a random-init ViT attention barely mixes tokens, so the prompt
+    tokens' outputs (L2P's features) hardly depend on the image and collapse once the prompt selection
+    settles.
+    """
+    vit = tiny_vit(**{**kwargs, "num_classes": 8})
+    generator = torch.Generator().manual_seed(999)
+    size = TINY["img_size"]
+    prototypes = torch.randn(8, 3, size, size, generator=generator)
+    optimizer = torch.optim.AdamW(vit.parameters(), lr=3e-3)
+    for _ in range(steps):
+        y = torch.randint(0, 8, (32,), generator=generator)
+        x = prototypes[y] + 0.3 * torch.randn(32, 3, size, size, generator=generator)
+        loss = torch.nn.functional.cross_entropy(vit(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vit.reset_classifier(0)
+    return vit.eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared, loaded 2-core machine two spinning threads run ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def quiet_evaluator() -> EvaluationPlugin:
     return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
 
@@ -36,7 +69,7 @@ def build(backbone: VisionTransformer, **l2p_kwargs) -> LearningToPrompt:
         backbone=backbone,
         num_classes=4,
         device="cpu",
-        train_mb_size=16,
+        train_mb_size=8,
         train_epochs=2,
         eval_mb_size=8,
         evaluator=quiet_evaluator(),
@@ -56,9 +89,9 @@ def frozen_state(strategy: LearningToPrompt) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_l2p_runs_on_the_given_backbone(layout: str) -> None:
+def test_l2p_runs_on_the_given_backbone(layout: str, one_thread: None) -> None:
     vit_kwargs, l2p_kwargs = LAYOUTS[layout]
-    backbone = tiny_vit(**vit_kwargs)
+    backbone = pretrained_tiny_vit(**vit_kwargs)
     original = {k: v.clone() for k, v in backbone.state_dict().items()}
     strategy = build(backbone, **l2p_kwargs)
     model = strategy.model
@@ -119,7 +152,17 @@ def test_l2p_runs_on_the_given_backbone(layout: str) -> None:
         exp: metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp00{exp}"] for exp in (0, 1)
     }
     assert all(0.0 <= value <= 1.0 for value in accuracy.values())
-    assert accuracy[1] > 0.5, accuracy  # the current experience: 2 of 4 classes, chance <= 0.5
+    # L2P trains the current classes' logits against each other only (the others are masked), never
+    # against the old classes'; at this scale the unmasked accuracy of the new classes is erratic
+    # (0.0 to 1.0 over seeds). Among its own classes (chance 0.5), the current experience is learned.
+    current = benchmark.test_stream[1]
+    x, y, *_ = next(iter(DataLoader(current.dataset, batch_size=len(current.dataset))))
+    classes = torch.tensor(current.classes_in_this_experience)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x=x, cls_features=strategy.original_vit(x)["pre_logits"])["logits"]
+    masked_accuracy = (classes[logits[:, classes].argmax(1)] == y).float().mean().item()
+    assert masked_accuracy > 0.6, masked_accuracy
 
     after = frozen_state(strategy)
     changed = [key for key, value in frozen.items() if not torch.equal(after[key], value)]
