@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
-from avalanche.logging import CSVLogger, InteractiveLogger, TensorboardLogger
+from avalanche.logging import InteractiveLogger, TensorboardLogger
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
@@ -39,7 +39,13 @@ from avalanche_sdlora.benchmarks import (
 )
 from avalanche_sdlora.config import SDLORA_VARIANTS, ConfigError
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.outputs import atomic_write, write_csv, write_json, write_text
+from avalanche_sdlora.outputs import (
+    ResumableCSVLogger,
+    atomic_write,
+    write_csv,
+    write_json,
+    write_text,
+)
 from avalanche_sdlora.plots import (
     plot_accuracy_matrix,
     plot_adapters,
@@ -127,7 +133,7 @@ def _make_strategy(
         loss_metrics(epoch=True, stream=True),
         loggers=[
             InteractiveLogger(),
-            CSVLogger(str(folder / "csv")),
+            ResumableCSVLogger(folder / "csv"),
             TensorboardLogger(str(folder / "tensorboard")),
         ],
     )

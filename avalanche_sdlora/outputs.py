@@ -1,4 +1,5 @@
-"""Files of a run folder, written atomically: a crash never leaves a half-written file behind."""
+"""Files of a run folder: written atomically (a crash never leaves a half-written file behind), and
+CSV logs that survive a resume."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_csv", "write_json", "write_text"]
+from avalanche.logging import CSVLogger
+
+__all__ = ["ResumableCSVLogger", "atomic_write", "write_csv", "write_json", "write_text"]
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -41,3 +44,46 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) 
     writer.writerow(header)
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Avalanche's ``CSVLogger``, made safe for ``--resume``.
+
+    The stock logger truncates its files when built and pickles open file handles, so a resumed run
+    would lose the rows of the experiences before the checkpoint. This one keeps what the files
+    already hold, appends to them, and pickles by path.
+    """
+
+    FILES = ("training_results.csv", "eval_results.csv")
+
+    def __init__(self, log_folder: str | Path):
+        folder = Path(log_folder)
+        kept = {
+            name: (folder / name).read_text() for name in self.FILES if (folder / name).exists()
+        }
+        super().__init__(str(folder))
+        if kept:
+            self._close()
+            for name, text in kept.items():
+                (folder / name).write_text(text)
+            self._open()
+
+    def _open(self) -> None:
+        folder = Path(self.log_folder)
+        self.training_file = open(folder / self.FILES[0], "a")  # noqa: SIM115 (the logger's lifetime)
+        self.eval_file = open(folder / self.FILES[1], "a")  # noqa: SIM115
+
+    def _close(self) -> None:
+        self.training_file.close()
+        self.eval_file.close()
+
+    def __getstate__(self) -> dict:
+        for handle in (self.training_file, self.eval_file):
+            handle.flush()
+        state = self.__dict__.copy()
+        del state["training_file"], state["eval_file"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()

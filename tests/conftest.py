@@ -21,6 +21,11 @@ def make_small_vit(embed_dim: int = 32, depth: int = 2, img_size: int = 16) -> V
     )
 
 
+# The test models are tiny: one thread is as fast, and it does not stall when the machine is shared
+# (two spinning OpenMP threads slow down many times when another process takes a core).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)

@@ -125,6 +125,13 @@ def test_resume_after_a_crash_ends_with_the_same_metrics(tmp_path, monkeypatch):
     assert resumed["0"]["accuracy_matrix"] == whole["0"]["accuracy_matrix"]
     assert resumed["0"]["pruning"] == whole["0"]["pruning"]
 
+    # Avalanche's CSV log keeps the rows written before the crash, once each
+    def eval_rows(folder):
+        lines = (folder / "sdlora" / "seed0" / "csv" / "eval_results.csv").read_text().splitlines()
+        return [line.split(",")[:3] for line in lines[1:]]
+
+    assert eval_rows(broken) == eval_rows(tmp_path / "whole")
+
 
 def test_an_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")

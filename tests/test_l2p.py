@@ -51,15 +51,6 @@ def pretrained_tiny_vit(steps: int = 60, **kwargs) -> VisionTransformer:
     return vit.eval()
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine two spinning threads run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quiet_evaluator() -> EvaluationPlugin:
     return EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
 
@@ -89,7 +80,7 @@ def frozen_state(strategy: LearningToPrompt) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_l2p_runs_on_the_given_backbone(layout: str, one_thread: None) -> None:
+def test_l2p_runs_on_the_given_backbone(layout: str) -> None:
     vit_kwargs, l2p_kwargs = LAYOUTS[layout]
     backbone = pretrained_tiny_vit(**vit_kwargs)
     original = {k: v.clone() for k, v in backbone.state_dict().items()}
