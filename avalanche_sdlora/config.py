@@ -125,6 +125,13 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             None, (list,), "seeds of the baselines (null: seeds)", nullable=True, check=_int_list
         ),
         "device": Setting("cpu", (str,), "cpu, cuda or cuda:N"),
+        "threads": Setting(
+            None,
+            (int,),
+            "torch CPU threads (null: torch's default)",
+            nullable=True,
+            check=_at_least(1),
+        ),
         "checkpoint": Setting(True, (bool,), "save an Avalanche checkpoint after every experience"),
     },
     "benchmark": {

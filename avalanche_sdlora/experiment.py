@@ -288,6 +288,8 @@ def run_experiment(
     ``backbone`` (from :func:`preflight`) sets the data transforms; each run builds its own copy.
     """
     write_json(run_dir / "config.json", config)
+    if config["experiment"]["threads"] is not None:
+        torch.set_num_threads(config["experiment"]["threads"])
     started = time.perf_counter()
     benchmark = _build_benchmark(config, backbone)
     num_classes = sum(len(e.classes_in_this_experience) for e in benchmark.train_stream)
