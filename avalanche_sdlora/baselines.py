@@ -17,6 +17,8 @@ from avalanche.training.supervised import Cumulative
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
+from avalanche_sdlora.strategy import OPTIMIZERS
+
 __all__ = ["FineTunedViT", "make_baseline", "make_optimizer"]
 
 
@@ -38,11 +40,11 @@ class FineTunedViT(nn.Module):
 
 def make_optimizer(parameters, settings: Mapping[str, Any]) -> torch.optim.Optimizer:
     """SGD (with momentum), Adam or AdamW over ``parameters`` from a baseline's config section."""
-    name, lr, decay = settings["optimizer"], settings["lr"], settings["weight_decay"]
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, momentum=settings["momentum"], weight_decay=decay)
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-    return optimizers[name](parameters, lr=lr, weight_decay=decay)
+    name = settings["optimizer"]
+    extra = {"momentum": settings["momentum"]} if name == "sgd" else {}
+    return OPTIMIZERS[name](
+        parameters, lr=settings["lr"], weight_decay=settings["weight_decay"], **extra
+    )
 
 
 def make_baseline(

@@ -278,11 +278,9 @@ class SDLoRAViT(DynamicModule):
         normalised = self.consolidated[active]
         for module in self.qkv_modules:
             module.active, module.coefficients, module.normalised = active, coefficients, normalised
-            if merging:
+            if merging:  # detached: a plain tensor attribute, never a registered Parameter
                 weight = module.effective_weight(active, coefficients, normalised)
-                module.merged_weight = (
-                    weight.detach()
-                )  # a plain tensor, never a registered Parameter
+                module.merged_weight = weight.detach()
         if merging:
             self._merge_key = self._current_merge_key()
 
