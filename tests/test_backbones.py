@@ -35,7 +35,7 @@ def test_local_weights_file_loads_through_timm_with_its_head_removed(tmp_path):
 def test_weights_that_do_not_fit_the_model_are_a_clear_error(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file(VisionTransformer(**{**KWARGS, "embed_dim": 64}).state_dict(), str(path))
-    with pytest.raises(BackboneError, match="matching backbone.name and backbone.kwargs"):
+    with pytest.raises(BackboneError, match=r"matching backbone\.name and backbone\.kwargs"):
         build_backbone(settings(pretrained_file=str(path)))
 
 
@@ -44,7 +44,7 @@ def test_offline_hub_without_a_file_names_pretrained_file(monkeypatch):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", offline)
-    with pytest.raises(BackboneError, match="set backbone.pretrained_file"):
+    with pytest.raises(BackboneError, match=r"set backbone\.pretrained_file"):
         check_backbone(settings(name="vit_small_patch16_224.augreg_in21k", pretrained=True))
 
 
