@@ -37,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY.SUB=VALUE",
         help="override one setting, typed by the schema (repeatable), e.g. --set training.epochs=1",
     )
-    parser.add_argument("--output", type=Path, help="run folder (default: runs/<experiment.name>)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="run folder (default: runs/<experiment.name>, or runs/<name>-<time> if that exists)",
+    )
     parser.add_argument("--seed", type=int, help="run this one seed (sets experiment.seeds)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (sets experiment.device)")
     parser.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
@@ -71,10 +75,20 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.config is None:
         raise ConfigError(["--config is required (or --resume DIR)"])
     config = load_config(args.config, overrides)
-    run_dir = args.output or Path("runs") / config["experiment"]["name"]
-    if (run_dir / "metrics.json").exists() or (run_dir / "config.json").exists():
-        raise ConfigError([f"--output {run_dir} already holds a run; use --resume {run_dir}"])
-    return config, run_dir
+    if args.output is None:
+        return config, _fresh_run_dir(Path("runs") / config["experiment"]["name"])
+    if (args.output / "config.json").exists():
+        raise ConfigError(
+            [f"--output {args.output} already holds a run; use --resume {args.output}"]
+        )
+    return config, args.output
+
+
+def _fresh_run_dir(default: Path) -> Path:
+    """``runs/<name>``, or ``runs/<name>-<time>`` when that already holds a run."""
+    if not default.exists():
+        return default
+    return default.with_name(f"{default.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _plan(config: dict, run_dir: Path) -> str:

@@ -229,3 +229,12 @@ def test_l2p_baseline_runs_through_the_cli(tmp_path):
     report = json.loads((out / "metrics.json").read_text())["methods"]["l2p"]["seeds"]["0"]
     assert len(report["accuracy_matrix"]) == 2
     assert report["experiences"][0]["trainable_parameters"] > 0
+
+
+def test_default_run_folder_never_overwrites_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]", "--set", "training.epochs=1"]
+    assert main(args) == 0
+    assert main(args) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs[0] == "demo" and runs[1].startswith("demo-") and len(runs) == 2
