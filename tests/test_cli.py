@@ -233,7 +233,15 @@ def test_l2p_baseline_runs_through_the_cli(tmp_path):
 
 def test_default_run_folder_never_overwrites_a_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]", "--set", "training.epochs=1"]
+    args = [
+        "--config",
+        DEMO,
+        *SHRINK,
+        "--set",
+        "experiment.compare=[]",
+        "--set",
+        "training.epochs=1",
+    ]
     assert main(args) == 0
     assert main(args) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
