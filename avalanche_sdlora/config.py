@@ -128,8 +128,14 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "threads": Setting(
             None,
             (int,),
-            "torch CPU threads (null: torch's default)",
+            "torch CPU threads per run (null: torch's default)",
             nullable=True,
+            check=_at_least(1),
+        ),
+        "workers": Setting(
+            1,
+            (int,),
+            "runs (method x seed) trained at once, each in its own process",
             check=_at_least(1),
         ),
         "checkpoint": Setting(True, (bool,), "save an Avalanche checkpoint after every experience"),

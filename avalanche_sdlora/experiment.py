@@ -14,9 +14,12 @@ Layout of a run folder::
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import multiprocessing
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -280,26 +283,44 @@ def _summary(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
     return summary
 
 
+def _run_job(
+    config: Mapping[str, Any], run_dir: Path, job: tuple[str, int], benchmark=None
+) -> RunReport:
+    """One method x seed in its own folder; builds the benchmark itself when run in a worker."""
+    method, seed = job
+    if config["experiment"]["threads"] is not None:
+        torch.set_num_threads(config["experiment"]["threads"])
+    if benchmark is None:
+        benchmark = _build_benchmark(config, build_backbone(config["backbone"]))
+    num_classes = sum(len(e.classes_in_this_experience) for e in benchmark.train_stream)
+    folder = run_dir / method / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes)
+
+
 def run_experiment(
     config: Mapping[str, Any], run_dir: Path, backbone: torch.nn.Module
 ) -> dict[str, Any]:
     """Run (or continue) every method x seed of ``config`` in ``run_dir`` and write the outputs.
 
     ``backbone`` (from :func:`preflight`) sets the data transforms; each run builds its own copy.
+    With ``experiment.workers`` > 1 the runs go to that many processes (each with its own
+    ``experiment.threads``); every run is seeded on its own, so the order does not matter.
     """
     write_json(run_dir / "config.json", config)
-    if config["experiment"]["threads"] is not None:
-        torch.set_num_threads(config["experiment"]["threads"])
     started = time.perf_counter()
-    benchmark = _build_benchmark(config, backbone)
-    num_classes = sum(len(e.classes_in_this_experience) for e in benchmark.train_stream)
+    jobs = [(m, seed) for m in methods_of(config) for seed in seeds_of(config, m)]
+    workers = config["experiment"]["workers"]
+    if workers == 1:
+        benchmark = _build_benchmark(config, backbone)
+        reports = [_run_job(config, run_dir, job, benchmark) for job in jobs]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            reports = list(pool.map(functools.partial(_run_job, config, run_dir), jobs))
     results: dict[str, dict[int, RunReport]] = {}
-    for method in methods_of(config):
-        for seed in seeds_of(config, method):
-            folder = run_dir / method / f"seed{seed}"
-            folder.mkdir(parents=True, exist_ok=True)
-            report = _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes)
-            results.setdefault(method, {})[seed] = report
+    for (method, seed), report in zip(jobs, reports, strict=True):
+        results.setdefault(method, {})[seed] = report
     metrics = {
         "methods": {
             method: {

@@ -246,3 +246,18 @@ def test_default_run_folder_never_overwrites_a_run(tmp_path, monkeypatch):
     assert main(args) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs[0] == "demo" and runs[1].startswith("demo-") and len(runs) == 2
+
+
+def test_parallel_workers_give_the_same_metrics_as_one_process(tmp_path):
+    args = ["--config", DEMO, *SHRINK, "--set", "experiment.threads=1", "--seed", "2"]
+    assert main([*args, "--output", str(tmp_path / "serial")]) == 0
+    assert (
+        main([*args, "--output", str(tmp_path / "parallel"), "--set", "experiment.workers=2"]) == 0
+    )
+
+    def methods(folder):
+        entries = json.loads((folder / "metrics.json").read_text())["methods"]
+        return {m: e["seeds"]["2"]["accuracy_matrix"] for m, e in entries.items()}
+
+    assert methods(tmp_path / "parallel") == methods(tmp_path / "serial")
+    assert list(methods(tmp_path / "parallel")) == ["sdlora", "naive"]
