@@ -8,7 +8,9 @@ from avalanche_sdlora import plots
 from avalanche_sdlora.run import main
 from avalanche_sdlora.strategy import SDLoRA
 
-DEMO = str(Path(__file__).parents[1] / "exps" / "demo.json")
+ROOT = Path(__file__).parents[1]
+DEMO = str(ROOT / "exps" / "demo.json")
+WEIGHTS = str(ROOT / "benchmarks" / "weights" / "vit_tin100.safetensors")
 SHRINK = [
     "--set", "training.epochs=1",
     "--set", "benchmark.num_classes=4",
@@ -232,16 +234,9 @@ def test_l2p_baseline_runs_through_the_cli(tmp_path):
 
 
 def test_default_run_folder_never_overwrites_a_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = [
-        "--config",
-        DEMO,
-        *SHRINK,
-        "--set",
-        "experiment.compare=[]",
-        "--set",
-        "training.epochs=1",
-    ]
+    monkeypatch.chdir(tmp_path)  # the config's relative paths resolve from the working directory
+    args = ["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]"]
+    args += ["--set", f"backbone.pretrained_file={WEIGHTS}"]
     assert main(args) == 0
     assert main(args) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
