@@ -1,0 +1,29 @@
+import pytest
+
+from avalanche_sdlora.outputs import ResumableCSVLogger, atomic_write, write_json
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"last_accuracy": 50.0})
+
+    def crash(path):
+        path.write_text('{"last_acc')
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, crash)
+    assert target.read_text() == '{\n  "last_accuracy": 50.0\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_resumable_csv_logger_keeps_earlier_rows(tmp_path):
+    first = ResumableCSVLogger(tmp_path)
+    print("0,0,0.5,1.0,0", file=first.eval_file)
+    first.eval_file.flush()
+    second = ResumableCSVLogger(tmp_path)  # as built again by a resumed run
+    print("1,1,0.7,0.9,0", file=second.eval_file)
+    second.eval_file.flush()
+    lines = (tmp_path / "eval_results.csv").read_text().splitlines()
+    assert lines[1:] == ["0,0,0.5,1.0,0", "1,1,0.7,0.9,0"]
+    assert lines[0].startswith("eval_exp")
