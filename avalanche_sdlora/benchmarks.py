@@ -142,6 +142,15 @@ def check_dataset(name: str, root: str | Path | None) -> None:
                 )
 
 
+def dataset_classes(name: str, root: str | Path | None) -> int:
+    """How many classes the benchmark's dataset has (an ImageFolder tree: its class folders)."""
+    if name == "split_cifar100":
+        return 100
+    if name == "digits":
+        return 10
+    return sum(1 for folder in (Path(root) / "train").iterdir() if folder.is_dir())
+
+
 def class_order(
     num_classes: int, seed: int | None = None, order: Sequence[int] | None = None
 ) -> list[int]:

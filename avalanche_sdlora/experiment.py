@@ -32,12 +32,13 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from avalanche_sdlora.backbones import build_backbone, check_backbone
+from avalanche_sdlora.backbones import build_backbone
 from avalanche_sdlora.baselines import make_baseline
 from avalanche_sdlora.benchmarks import (
     backbone_transforms,
     check_dataset,
     class_order,
+    dataset_classes,
     make_benchmark,
 )
 from avalanche_sdlora.config import SDLORA_VARIANTS, ConfigError
@@ -92,27 +93,20 @@ def preflight(config: Mapping[str, Any]) -> torch.nn.Module:
     (returned, for the data transforms). Raises ValueError kinds."""
     benchmark = config["benchmark"]
     check_dataset(benchmark["name"], benchmark["root"])
-    check_backbone(config["backbone"])
     device = config["experiment"]["device"]
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
             raise ConfigError([f"experiment.device: {device} is not available on this machine"])
-    return build_backbone(config["backbone"])
-
-
-def _total_classes(benchmark: Mapping[str, Any]) -> int:
-    if benchmark["name"] == "split_cifar100":
-        return 100
-    if benchmark["name"] == "digits":
-        return 10
-    return sum(1 for d in (Path(benchmark["root"]) / "train").iterdir() if d.is_dir())
+    return build_backbone(config["backbone"])  # checks the name and weights file first
 
 
 def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
     settings = config["benchmark"]
     order = class_order(
-        _total_classes(settings), settings["class_order_seed"], settings["class_order"]
+        dataset_classes(settings["name"], settings["root"]),
+        settings["class_order_seed"],
+        settings["class_order"],
     )
     train_transform, eval_transform = backbone_transforms(backbone, settings["train_augmentation"])
     return make_benchmark(
@@ -256,7 +250,8 @@ def _print_progress(method: str, seed: int, index: int, total: int, progress: di
 def _jsonable(value: Any) -> Any:
     """Metric dictionaries hold floats, tensors and NumPy scalars; keep the JSON-able numbers."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items() if _jsonable(v) is not None}
+        converted = {str(k): _jsonable(v) for k, v in value.items()}
+        return {k: v for k, v in converted.items() if v is not None}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, bool | int | float | str) or value is None:
@@ -268,9 +263,9 @@ def _jsonable(value: Any) -> Any:
 
 def _summary(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
     def final(report: RunReport, key: str) -> float:
-        if key in ("train_seconds",):
+        if key == "train_seconds":
             return float(sum(r.get(key, 0.0) for r in report.experiences))
-        if key in ("peak_memory_mb",):
+        if key == "peak_memory_mb":
             return float(max(r.get(key, 0.0) for r in report.experiences))
         if key in ("active_adapters", "trainable_parameters"):
             return float(report.experiences[-1].get(key, float("nan")))

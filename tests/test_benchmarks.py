@@ -369,3 +369,14 @@ def test_digits_needs_no_data_and_unknown_names_are_refused():
     check_dataset("digits", None)
     with pytest.raises(ValueError, match=", ".join(BENCHMARKS)):
         check_dataset("cifar10", None)
+
+
+def test_dataset_classes(tmp_path):
+    from avalanche_sdlora.benchmarks import dataset_classes
+
+    for name in ("a", "b", "c"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "train" / "notes.txt").write_text("not a class")
+    assert dataset_classes("imagefolder", tmp_path) == 3
+    assert dataset_classes("split_cifar100", None) == 100
+    assert dataset_classes("digits", None) == 10
