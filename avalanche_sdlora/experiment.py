@@ -70,8 +70,14 @@ SUMMARY_METRICS = (
     "active_adapters",
     "trainable_parameters",
     "train_seconds",
+    "wall_seconds",
     "peak_memory_mb",
 )
+
+
+# Training cost relative to Naive: Cumulative retrains on every experience so far, Replay doubles
+# each mini-batch with memory samples.
+_RELATIVE_COST = {"cumulative": 5, "replay": 2}
 
 
 def methods_of(config: Mapping[str, Any]) -> list[str]:
@@ -212,7 +218,8 @@ def _run_one(
         strategy.train(experience, **workers)
         seconds = time.perf_counter() - began
         progress["eval_results"].append(strategy.eval(benchmark.test_stream, **workers))
-        progress["records"].append(_experience_record(strategy, index, seconds))
+        record = _experience_record(strategy, index, seconds)
+        progress["records"].append({**record, "wall_seconds": time.perf_counter() - began})
         # progress first: a crash between the two then retrains this experience, never skips it
         write_json(folder / "progress.json", _jsonable(progress))
         if config["experiment"]["checkpoint"]:
@@ -263,7 +270,7 @@ def _jsonable(value: Any) -> Any:
 
 def _summary(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
     def final(report: RunReport, key: str) -> float:
-        if key == "train_seconds":
+        if key in ("train_seconds", "wall_seconds"):
             return float(sum(r.get(key, 0.0) for r in report.experiences))
         if key == "peak_memory_mb":
             return float(max(r.get(key, 0.0) for r in report.experiences))
@@ -311,8 +318,13 @@ def run_experiment(
         reports = [_run_job(config, run_dir, job, benchmark) for job in jobs]
     else:
         context = multiprocessing.get_context("spawn")
+        # the costliest runs start first, so no worker is left alone with one at the end
+        order = sorted(range(len(jobs)), key=lambda i: -_RELATIVE_COST.get(jobs[i][0], 1))
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-            reports = list(pool.map(functools.partial(_run_job, config, run_dir), jobs))
+            started_reports = pool.map(
+                functools.partial(_run_job, config, run_dir), [jobs[i] for i in order]
+            )
+            reports = [report for _, report in sorted(zip(order, started_reports, strict=True))]
     results: dict[str, dict[int, RunReport]] = {}
     for (method, seed), report in zip(jobs, reports, strict=True):
         results.setdefault(method, {})[seed] = report
@@ -403,6 +415,7 @@ def _summary_table(metrics: Mapping[str, Any]) -> str:
         ("active adapters", "active_adapters", 1),
         ("trainable params", "trainable_parameters", 0),
         ("train time (s)", "train_seconds", 1),
+        ("wall time (s)", "wall_seconds", 1),
     )
     lines = [
         "| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |",

@@ -244,7 +244,9 @@ def test_default_run_folder_never_overwrites_a_run(tmp_path, monkeypatch):
 
 
 def test_parallel_workers_give_the_same_metrics_as_one_process(tmp_path):
+    """Replay starts first in the pool (it costs more); results still come back in method order."""
     args = ["--config", DEMO, *SHRINK, "--set", "experiment.threads=1", "--seed", "2"]
+    args += ["--compare", "naive,replay"]
     assert main([*args, "--output", str(tmp_path / "serial")]) == 0
     assert (
         main([*args, "--output", str(tmp_path / "parallel"), "--set", "experiment.workers=2"]) == 0
@@ -255,4 +257,6 @@ def test_parallel_workers_give_the_same_metrics_as_one_process(tmp_path):
         return {m: e["seeds"]["2"]["accuracy_matrix"] for m, e in entries.items()}
 
     assert methods(tmp_path / "parallel") == methods(tmp_path / "serial")
-    assert list(methods(tmp_path / "parallel")) == ["sdlora", "naive"]
+    assert list(methods(tmp_path / "parallel")) == ["sdlora", "naive", "replay"]
+    summary = (tmp_path / "parallel" / "summary.md").read_text()
+    assert "wall time (s)" in summary
