@@ -20,17 +20,14 @@ import numpy as np
 
 
 def adapter_paths(trace: Sequence[Mapping]) -> dict[int, list[tuple[float, float]]]:
-    """Per adapter, its (|alpha|, beta) after every epoch from the end of its own experience on."""
+    """Per adapter, its (|alpha|, beta) after every epoch of the experiences after its own.
+
+    Adapter k is added in experience k. Its own experience is left out: there alpha scales the raw
+    ``B A``, and consolidation rescales it by ``||B A||`` when that experience ends.
+    """
     paths: dict[int, list[tuple[float, float]]] = {}
-    last_epoch_of = {}
     for row in trace:
-        last_epoch_of[row["experience"]] = max(
-            last_epoch_of.get(row["experience"], -1), row["epoch"]
-        )
-    for row in trace:
-        born = row["adapter"]  # adapter k is added in experience k
-        own_end = row["experience"] == born and row["epoch"] == last_epoch_of[born]
-        if row["experience"] > born or own_end:
+        if row["experience"] > row["adapter"]:
             paths.setdefault(row["adapter"], []).append((abs(row["alpha"]), row["beta"]))
     return paths
 

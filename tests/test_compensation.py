@@ -23,12 +23,12 @@ def _row(experience: int, epoch: int, adapter: int, alpha: float, beta: float) -
 
 def test_compensating_adapter_keeps_its_product():
     trace = [
-        _row(0, 0, 0, 0.5, 1.0),  # before the end of its own experience: not counted
-        _row(0, 1, 0, -1.0, 1.0),
-        _row(1, 0, 0, -2.0, 0.5),
+        _row(0, 1, 0, 9.0, 1.0),  # its own experience: not counted
+        _row(1, 0, 0, -1.0, 1.0),
         _row(1, 0, 1, 1.0, 0.5),
-        _row(1, 1, 0, -4.0, 0.25),
-        _row(1, 1, 1, 1.0, 0.75),  # adapter 1 has only its own end: no ratio
+        _row(1, 1, 0, -2.0, 0.5),
+        _row(1, 1, 1, 1.0, 0.75),  # adapter 1 has no later experience: no ratio
+        _row(2, 0, 0, -4.0, 0.25),
     ]
     result = compensation_script.compensation(trace)
     assert result["alpha_ratio"] == pytest.approx(4.0)
@@ -38,7 +38,7 @@ def test_compensating_adapter_keeps_its_product():
 
 
 def test_constant_beta_has_no_direction_share_and_table_lists_each_seed():
-    trace = [_row(0, 0, 0, 1.0, 1.0), _row(1, 0, 0, 3.0, 1.0), _row(1, 0, 1, 1.0, 1.0)]
+    trace = [_row(1, 0, 0, 1.0, 1.0), _row(2, 0, 0, 3.0, 1.0), _row(2, 0, 1, 1.0, 1.0)]
     result = compensation_script.compensation(trace)
     assert result["product_ratio"] == pytest.approx(3.0)
     assert result["opposite_share"] != result["opposite_share"]  # NaN
