@@ -12,3 +12,4 @@ RUN=${RUN:-runs/results}
 mkdir -p benchmarks/results
 cp "$RUN"/{summary.md,metrics.json,accuracy_matrix.csv,pruning.csv,config.json} benchmarks/results/
 cp "$RUN"/plots/*.png benchmarks/results/
+"$PY" benchmarks/compensation.py "$RUN/metrics.json" > benchmarks/results/compensation.md
