@@ -18,6 +18,7 @@ import functools
 import json
 import multiprocessing
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -217,9 +218,18 @@ def _run_one(
         began = time.perf_counter()
         strategy.train(experience, **workers)
         seconds = time.perf_counter() - began
+        loss = _last_training_loss(strategy)
         progress["eval_results"].append(strategy.eval(benchmark.test_stream, **workers))
         record = _experience_record(strategy, index, seconds)
-        progress["records"].append({**record, "wall_seconds": time.perf_counter() - began})
+        if loss is not None and not np.isfinite(loss):
+            warnings.warn(
+                f"{method} seed {seed}: the training loss of experience {index} is {loss}, so the "
+                "run has diverged; a lower learning rate (or regulariser weight) may fix it",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+        wall = time.perf_counter() - began
+        progress["records"].append({**record, "wall_seconds": wall, "train_loss": loss})
         # progress first: a crash between the two then retrains this experience, never skips it
         write_json(folder / "progress.json", _jsonable(progress))
         if config["experiment"]["checkpoint"]:
@@ -232,6 +242,14 @@ def _run_one(
         progress["records"],
         pruning.history if pruning else (),
         trace.trace if trace else (),
+    )
+
+
+def _last_training_loss(strategy: SupervisedTemplate) -> float | None:
+    """The mean training loss of the last epoch, from Avalanche's ``Loss_Epoch`` metric (if logged)."""
+    metrics = strategy.evaluator.get_last_metrics()
+    return next(
+        (float(v) for k, v in metrics.items() if k.startswith("Loss_Epoch/train_phase/")), None
     )
 
 

@@ -13,3 +13,8 @@ mkdir -p benchmarks/results
 cp "$RUN"/{summary.md,metrics.json,accuracy_matrix.csv,pruning.csv,config.json} benchmarks/results/
 cp "$RUN"/plots/*.png benchmarks/results/
 "$PY" benchmarks/compensation.py "$RUN/metrics.json" > benchmarks/results/compensation.md
+mkdir -p benchmarks/results/training_logs
+for log in "$RUN"/*/seed*/csv/training_results.csv; do
+  run=${log#"$RUN"/}
+  cp "$log" "benchmarks/results/training_logs/$(dirname "$(dirname "$run")" | tr / _).csv"
+done

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,15 @@ def test_parallel_workers_give_the_same_metrics_as_one_process(tmp_path):
     assert list(methods(tmp_path / "parallel")) == ["sdlora", "naive", "replay"]
     summary = (tmp_path / "parallel" / "summary.md").read_text()
     assert "wall time (s)" in summary
+
+
+def test_a_diverged_run_is_reported(tmp_path):
+    out = tmp_path / "run"
+    args = [*SHRINK, "--set", "experiment.strategy=naive", "--set", "experiment.compare=[]"]
+    args += ["--set", "baselines.naive.lr=1e30", "--set", "experiment.checkpoint=false"]
+    # one mini-batch per experience: the first loss is computed before any update, the next is not
+    with pytest.warns(RuntimeWarning, match="naive seed 0: the training loss of experience 1 is"):
+        assert main(["--config", DEMO, "--output", str(out), *args]) == 0
+    records = json.loads((out / "metrics.json").read_text())["methods"]["naive"]["seeds"]["0"]
+    losses = [record.get("train_loss") for record in records["experiences"]]
+    assert math.isfinite(losses[0]) and not math.isfinite(losses[1])
