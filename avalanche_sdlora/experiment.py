@@ -220,7 +220,9 @@ def _run_one(
         seconds = time.perf_counter() - began
         loss = _last_training_loss(strategy)
         progress["eval_results"].append(strategy.eval(benchmark.test_stream, **workers))
+        wall = time.perf_counter() - began
         record = _experience_record(strategy, index, seconds)
+        progress["records"].append({**record, "wall_seconds": wall, "train_loss": loss})
         if loss is not None and not np.isfinite(loss):
             warnings.warn(
                 f"{method} seed {seed}: the training loss of experience {index} is {loss}, so the "
@@ -228,8 +230,6 @@ def _run_one(
                 RuntimeWarning,
                 stacklevel=1,
             )
-        wall = time.perf_counter() - began
-        progress["records"].append({**record, "wall_seconds": wall, "train_loss": loss})
         # progress first: a crash between the two then retrains this experience, never skips it
         write_json(folder / "progress.json", _jsonable(progress))
         if config["experiment"]["checkpoint"]:
