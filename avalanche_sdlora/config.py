@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "BASELINES",
     "METHODS",
+    "RANDOM_CONTROL",
     "SCHEMA",
     "SDLORA_VARIANTS",
     "ConfigError",
@@ -37,8 +38,11 @@ SDLORA_VARIANTS: dict[str, dict[str, bool]] = {
         "two_phase": False
     },  # the gate, trained in one joint phase (the seed's ablation)
     "sdlora_plain": {"gate": False},  # plain SD-LoRA
+    "sdlora_random": {},  # the control: prunes as many adapters as sdlora, chosen at random
 }
 """SD-LoRA methods: the ``sdlora`` section with these settings overridden."""
+RANDOM_CONTROL = "sdlora_random"
+"""Prunes, per experience, as many adapters as the ``sdlora`` run of the same seed, at random."""
 METHODS = (*SDLORA_VARIANTS, *BASELINES)
 _NUMBER = (int, float)
 
@@ -224,7 +228,20 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "head_lr": Setting(
             None, _NUMBER, "learning rate of the head (null: lr)", nullable=True, check=_positive
         ),
+        "gate_optimizer": Setting(
+            None,
+            (str,),
+            "optimizer of the gate logits (null: the main optimizer, with gate_lr)",
+            nullable=True,
+            choices=("sgd", "adam", "adamw"),
+        ),
         "phase1_fraction": Setting(0.6, _NUMBER, "share of epochs in phase 1", check=_open_unit),
+        "gumbel_schedule": Setting(
+            "phase",
+            (str,),
+            "phase: tau reaches tau_final at the end of phase 1 (any step count); step: the seed's per-step decay",
+            choices=("phase", "step"),
+        ),
         "gumbel_tau_init": Setting(5.0, _NUMBER, "initial Gumbel temperature", check=_positive),
         "gumbel_tau_final": Setting(
             0.5, _NUMBER, "final (and evaluation) temperature", check=_positive
@@ -232,7 +249,7 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "gumbel_anneal_rate": Setting(
             0.999,
             _NUMBER,
-            "per-step temperature decay",
+            "per-step temperature decay (gumbel_schedule step)",
             check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
         ),
         "lambda_sparsity": Setting(0.1, _NUMBER, "phase-1 sparsity weight", check=_at_least(0.0)),
@@ -244,12 +261,23 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "training CE over current or all seen classes",
             choices=("current", "seen"),
         ),
-        "pruning": Setting(True, (bool,), "prune rarely selected adapters"),
+        "protect_new_adapter": Setting(
+            True,
+            (bool,),
+            "raise the new adapter's logit to the highest one when it starts training",
+        ),
+        "pruning": Setting(True, (bool,), "prune adapters the gate does not use"),
+        "prune_rule": Setting(
+            "eval_beta",
+            (str,),
+            "eval_beta: prune where the evaluation beta is 0; frequency: the seed's sampled rule",
+            choices=("eval_beta", "frequency"),
+        ),
         "num_samples": Setting(
-            10, (int,), "Gumbel samples of the pruning decision", check=_at_least(1)
+            200, (int,), "Gumbel samples of the pruning decision", check=_at_least(1)
         ),
         "prune_threshold": Setting(
-            0.2, _NUMBER, "prune below this selection frequency", check=_unit
+            0.2, _NUMBER, "frequency rule: prune below this selection frequency", check=_unit
         ),
     },
     "baselines": {
@@ -421,6 +449,12 @@ def _cross_checks(config: Mapping[str, Any]) -> list[str]:
         problems.append(
             f"benchmark.num_classes: must be a multiple of benchmark.n_experiences "
             f"({benchmark['n_experiences']}), got {benchmark['num_classes']}"
+        )
+    methods = [config["experiment"]["strategy"], *config["experiment"]["compare"]]
+    if RANDOM_CONTROL in methods and "sdlora" not in methods:
+        problems.append(
+            f"experiment.compare: {RANDOM_CONTROL} prunes as many adapters as the sdlora run of "
+            "the same seed, so sdlora must run too (as experiment.strategy or in compare)"
         )
     for key in ("seeds", "baseline_seeds"):
         if config["experiment"][key] == []:

@@ -42,7 +42,7 @@ from avalanche_sdlora.benchmarks import (
     dataset_classes,
     make_benchmark,
 )
-from avalanche_sdlora.config import SDLORA_VARIANTS, ConfigError
+from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, ConfigError
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.outputs import (
     ResumableCSVLogger,
@@ -58,6 +58,7 @@ from avalanche_sdlora.plots import (
     plot_seen_accuracy,
 )
 from avalanche_sdlora.plugins import AutocastPlugin, GateTracePlugin, GumbelPruningPlugin
+from avalanche_sdlora.pruning import RandomPruner, SelectionPruner
 from avalanche_sdlora.report import RunReport, peak_memory_mb, summarize_run
 from avalanche_sdlora.strategy import SDLoRA
 
@@ -129,8 +130,15 @@ def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
 
 
 def _make_strategy(
-    method: str, config: Mapping[str, Any], folder: Path, num_classes: int
+    method: str,
+    config: Mapping[str, Any],
+    folder: Path,
+    num_classes: int,
+    seed: int = 0,
+    reference: RunReport | None = None,
 ) -> SupervisedTemplate:
+    """One method's strategy; ``reference`` is the ``sdlora`` run whose pruning counts
+    ``sdlora_random`` copies."""
     experiment, training = config["experiment"], config["training"]
     evaluator = EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
@@ -172,15 +180,22 @@ def _make_strategy(
     )
     plugins.append(GateTracePlugin())
     if s["pruning"]:
-        plugins.insert(0, GumbelPruningPlugin(s["num_samples"], s["prune_threshold"]))
+        pruner = {"rule": s["prune_rule"], "num_samples": s["num_samples"], "seed": seed}
+        if method == RANDOM_CONTROL:
+            counts = RandomPruner.counts_from(reference.pruning)
+            chosen = RandomPruner(counts, **pruner)
+        else:
+            chosen = SelectionPruner(threshold=s["prune_threshold"], **pruner)
+        plugins.insert(0, GumbelPruningPlugin(pruner=chosen))
     settings = {k: s[k] for k in _STRATEGY_KEYS}
     return SDLoRA(model=model, plugins=plugins, **settings, **template)
 
 
 _STRATEGY_KEYS = (
-    "lr", "alpha_lr", "gate_lr", "head_lr", "optimizer", "momentum", "weight_decay",
-    "phase1_fraction", "gumbel_tau_init", "gumbel_tau_final", "gumbel_anneal_rate",
-    "lambda_sparsity", "sparsity", "lambda_alpha", "loss_on", "pruning", "two_phase",
+    "lr", "alpha_lr", "gate_lr", "head_lr", "optimizer", "gate_optimizer", "momentum",
+    "weight_decay", "phase1_fraction", "gumbel_schedule", "gumbel_tau_init", "gumbel_tau_final",
+    "gumbel_anneal_rate", "lambda_sparsity", "sparsity", "lambda_alpha", "loss_on", "pruning",
+    "two_phase", "protect_new_adapter",
 )  # fmt: skip
 
 
@@ -198,7 +213,13 @@ def _experience_record(strategy: SupervisedTemplate, index: int, seconds: float)
 
 
 def _run_one(
-    method: str, seed: int, config: Mapping[str, Any], benchmark, folder: Path, num_classes: int
+    method: str,
+    seed: int,
+    config: Mapping[str, Any],
+    benchmark,
+    folder: Path,
+    num_classes: int,
+    reference: RunReport | None = None,
 ) -> RunReport:
     """Train and evaluate one method with one seed, continuing from its checkpoint if any."""
     progress_file, checkpoint = folder / "progress.json", folder / "checkpoint.pkl"
@@ -207,7 +228,7 @@ def _run_one(
         progress = json.loads(progress_file.read_text())
     experiences = len(benchmark.train_stream)
     RNGManager.set_random_seeds(seed)
-    strategy = _make_strategy(method, config, folder, num_classes)
+    strategy = _make_strategy(method, config, folder, num_classes, seed, reference)
     start = 0
     if progress["eval_results"] and checkpoint.exists():
         strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=strategy.device)
@@ -304,18 +325,37 @@ def _summary(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
 
 
 def _run_job(
-    config: Mapping[str, Any], run_dir: Path, job: tuple[str, int], benchmark=None
-) -> RunReport:
-    """One method x seed in its own folder; builds the benchmark itself when run in a worker."""
-    method, seed = job
+    config: Mapping[str, Any], run_dir: Path, job: Sequence[tuple[str, int]], benchmark=None
+) -> list[RunReport]:
+    """One or more method x seed runs in order, each in its own folder; builds the benchmark itself
+    when run in a worker. A ``sdlora_random`` run follows the ``sdlora`` run it copies."""
     if config["experiment"]["threads"] is not None:
         torch.set_num_threads(config["experiment"]["threads"])
     if benchmark is None:
         benchmark = _build_benchmark(config, build_backbone(config["backbone"]))
     num_classes = sum(len(e.classes_in_this_experience) for e in benchmark.train_stream)
-    folder = run_dir / method / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes)
+    reports: list[RunReport] = []
+    for method, seed in job:
+        folder = run_dir / method / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        reference = reports[-1] if method == RANDOM_CONTROL else None
+        reports.append(
+            _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes, reference)
+        )
+    return reports
+
+
+def _jobs(config: Mapping[str, Any]) -> list[list[tuple[str, int]]]:
+    """The runs, grouped into jobs: each ``sdlora_random`` run joins its seed's ``sdlora`` run."""
+    runs = [(m, seed) for m in methods_of(config) for seed in seeds_of(config, m)]
+    jobs = [[run] for run in runs if run[0] != RANDOM_CONTROL]
+    for _, seed in (run for run in runs if run[0] == RANDOM_CONTROL):
+        next(job for job in jobs if job[0] == ("sdlora", seed)).append((RANDOM_CONTROL, seed))
+    return jobs
+
+
+def _job_cost(job: Sequence[tuple[str, int]]) -> int:
+    return sum(_RELATIVE_COST.get(method, 1) for method, _ in job)
 
 
 def run_experiment(
@@ -329,23 +369,29 @@ def run_experiment(
     """
     write_json(run_dir / "config.json", config)
     started = time.perf_counter()
-    jobs = [(m, seed) for m in methods_of(config) for seed in seeds_of(config, m)]
+    jobs = _jobs(config)
     workers = config["experiment"]["workers"]
     if workers == 1:
         benchmark = _build_benchmark(config, backbone)
-        reports = [_run_job(config, run_dir, job, benchmark) for job in jobs]
+        job_reports = [_run_job(config, run_dir, job, benchmark) for job in jobs]
     else:
         context = multiprocessing.get_context("spawn")
-        # the costliest runs start first, so no worker is left alone with one at the end
-        order = sorted(range(len(jobs)), key=lambda i: -_RELATIVE_COST.get(jobs[i][0], 1))
+        # the costliest jobs start first, so no worker is left alone with one at the end
+        order = sorted(range(len(jobs)), key=lambda i: -_job_cost(jobs[i]))
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
             started_reports = pool.map(
                 functools.partial(_run_job, config, run_dir), [jobs[i] for i in order]
             )
-            reports = [report for _, report in sorted(zip(order, started_reports, strict=True))]
+            job_reports = [r for _, r in sorted(zip(order, started_reports, strict=True))]
+    found = {
+        run: report
+        for job, reports in zip(jobs, job_reports, strict=True)
+        for run, report in zip(job, reports, strict=True)
+    }
     results: dict[str, dict[int, RunReport]] = {}
-    for (method, seed), report in zip(jobs, reports, strict=True):
-        results.setdefault(method, {})[seed] = report
+    for method in methods_of(config):
+        for seed in seeds_of(config, method):
+            results.setdefault(method, {})[seed] = found[(method, seed)]
     metrics = {
         "methods": {
             method: {
@@ -379,10 +425,12 @@ def _write_outputs(run_dir: Path, metrics: dict, results: dict[str, dict[int, Ru
         "adapter",
         "alpha",
         "logit",
+        "eval_beta",
         "mean_beta",
         "frequency",
         "pruned",
         "new",
+        "agreement",
     ]
     write_csv(
         run_dir / "pruning.csv",

@@ -20,6 +20,7 @@ __all__ = [
     "entropy_sparsity",
     "gini_sparsity",
     "gumbel_sparsemax",
+    "phase_temperature",
 ]
 
 
@@ -52,6 +53,17 @@ def gumbel_sparsemax(
 def annealed_temperature(step: int, tau_init: float, tau_final: float, rate: float) -> float:
     """``tau_final + (tau_init - tau_final) * rate ** step``: the per-step Gumbel temperature."""
     return tau_final + (tau_init - tau_final) * rate**step
+
+
+def phase_temperature(step: int, steps: int, tau_init: float, tau_final: float) -> float:
+    """Geometric anneal from ``tau_init`` at step 0 to ``tau_final`` at step ``steps - 1``, then flat.
+
+    The schedule of ``gumbel_schedule="phase"``: it ends at ``tau_final`` whatever the number of
+    steps, so the gate behaves the same at 100 steps or 10,000.
+    """
+    if steps <= 1 or step >= steps - 1:
+        return tau_final
+    return tau_init * (tau_final / tau_init) ** (step / (steps - 1))
 
 
 def gini_sparsity(beta: Tensor) -> Tensor:
@@ -88,6 +100,13 @@ class GumbelGate(nn.Module):
         self.logits = nn.ParameterList()
         self.alphas = nn.ParameterList()
         self.register_buffer("pruned", torch.zeros(0, dtype=torch.bool))
+
+    def get_extra_state(self) -> dict[str, float]:
+        """``tau_final`` travels with the state dict: it defines the evaluated network."""
+        return {"tau_final": self.tau_final}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.tau_final = float(state["tau_final"])
 
     @property
     def num_adapters(self) -> int:
@@ -147,6 +166,12 @@ class GumbelGate(nn.Module):
     def unfreeze_logits(self, task_indices: Iterable[int]) -> None:
         """Train the gate logits of these (active) adapters."""
         self._set_requires_grad(self.logits, task_indices, True)
+
+    @torch.no_grad()
+    def raise_logit(self, index: int, floor: float) -> None:
+        """Set adapter ``index``'s logit to ``floor`` if it is below it."""
+        (index,) = self.check_indices([index], allow_pruned=False)
+        self.logits[index].clamp_(min=floor)
 
     def prune(self, indices: Iterable[int]) -> None:
         """Remove adapters from the selection for good; at least one adapter must stay active."""

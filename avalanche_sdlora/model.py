@@ -123,7 +123,8 @@ class SDLoRAViT(DynamicModule):
         """Source of the Gumbel noise; ``None`` uses torch's global generator (checkpointed)."""
         self.last_beta: Tensor | None = None
         """The beta of the last training forward, with its graph (for the sparsity regulariser)."""
-        self._merge_key: tuple | None = None
+        self._merged_from: Tensor | None = None
+        self._adapted_experience: int | None = None
         self.register_load_state_dict_post_hook(SDLoRAViT._sync_trainable_after_load)
         self.to(next(backbone.parameters()).device)
 
@@ -150,9 +151,14 @@ class SDLoRAViT(DynamicModule):
         return [i for i in self.gate.active_indices if not self.consolidated[i]]
 
     def adaptation(self, experience: CLExperience) -> None:
-        """Avalanche's hook: a new adapter for a training experience; the head grows to its classes."""
-        if self.training:
+        """Avalanche's hook: one new adapter per training experience; the head grows to its classes.
+
+        A plugin that adapts the model again within the same experience (GDumb does) adds nothing.
+        """
+        key = getattr(experience, "current_experience", id(experience))
+        if self.training and key != self._adapted_experience:
             self.add_adapter()
+            self._adapted_experience = key
         self.head.adaptation(experience)
 
     def add_adapter(self) -> int:
@@ -238,7 +244,8 @@ class SDLoRAViT(DynamicModule):
         """Parameters the method adds to the frozen backbone and still uses.
 
         ``A`` and ``B`` of every active adapter, their alphas (and gate logits when the gate is on)
-        and the head; pruned adapters are not counted.
+        and the head rows of the classes trained so far; pruned adapters, and head rows that an
+        evaluation on future classes grew, are not counted.
         """
         active = self.gate.active_indices
         per_adapter = sum(
@@ -246,7 +253,9 @@ class SDLoRAViT(DynamicModule):
             for module in self.qkv_modules
         )
         scalars = 2 if self.gate_enabled else 1
-        head = sum(p.numel() for p in self.head.parameters())
+        classifier = self.head.classifier
+        seen_classes = int(self.head.active_units.sum())
+        head = seen_classes * (classifier.in_features + int(classifier.bias is not None))
         return len(active) * (per_adapter + scalars) + head
 
     # ------------------------------------------------------------------- forward
@@ -258,19 +267,25 @@ class SDLoRAViT(DynamicModule):
         return self.gate.beta(noise, self.generator)
 
     def _adapter_coefficients(self) -> Tensor:
-        """``beta_i * alpha_i`` of the active adapters; draws the step's Gumbel sample in training."""
+        """``beta_i * alpha_i`` of the active adapters.
+
+        A training step (training mode, autograd recording) draws its Gumbel sample; anything else,
+        such as a frozen copy run under ``no_grad`` (LwF's teacher), sees the deterministic gate.
+        """
         active = self.gate.active_indices
         if not active:
             return self.gate.pruned.new_zeros(0, dtype=torch.float32)
-        beta = self.beta(noise=self.training)
-        if self.training:
+        noise = self.training and torch.is_grad_enabled()
+        beta = self.beta(noise=noise)
+        if noise:
             self.last_beta = beta
         return beta[active] * self.gate.alpha_vector()[active]
 
     def _configure_adapters(self) -> None:
         """Hand each ``qkv`` its adapters for this forward, or the cached merge in evaluation."""
         merging = not self.training and not torch.is_grad_enabled()
-        if merging and self._merge_key == self._current_merge_key():
+        inputs = self._merge_inputs() if merging else None
+        if merging and self._merged_from is not None and torch.equal(inputs, self._merged_from):
             return
         self._drop_merge()
         active = self.gate.active_indices
@@ -281,18 +296,24 @@ class SDLoRAViT(DynamicModule):
             if merging:  # detached: a plain tensor attribute, never a registered Parameter
                 weight = module.effective_weight(active, coefficients, normalised)
                 module.merged_weight = weight.detach()
-        if merging:
-            self._merge_key = self._current_merge_key()
+        self._merged_from = inputs
 
-    def _current_merge_key(self) -> tuple:
-        """Everything the merged weights depend on; any in-place update bumps a tensor version."""
+    def _merge_inputs(self) -> Tensor:
+        """Every value the merged weights depend on, as one flat copy.
+
+        Compared exactly with the copy the merge was built from, so any change, an in-place
+        ``.data`` edit included (which no version counter sees), drops the merge.
+        """
         tensors = [*self.gate.parameters(), self.gate.pruned, self.consolidated]
         for module in self.qkv_modules:
             tensors.extend((*module.lora_A, *module.lora_B))
-        return (self.gate_enabled, self.gate.tau_final, *((id(t), t._version) for t in tensors))
+        flat = [t.detach().flatten().to(torch.float32) for t in tensors]
+        settings = [float(self.gate_enabled), self.gate.tau_final]
+        flat.append(torch.tensor(settings, device=self.consolidated.device))
+        return torch.cat(flat)
 
     def _drop_merge(self) -> None:
-        self._merge_key = None
+        self._merged_from = None
         for module in self.qkv_modules:
             module.merged_weight = None
 
@@ -317,7 +338,7 @@ class SDLoRAViT(DynamicModule):
     def __getstate__(self) -> dict:
         """Drop the per-forward state: ``last_beta`` holds a graph; the merge is rebuilt on demand."""
         state = self.__dict__.copy()
-        state.update(last_beta=None, _merge_key=None)
+        state.update(last_beta=None, _merged_from=None)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

@@ -14,26 +14,40 @@ __all__ = ["AutocastPlugin", "GateTracePlugin", "GumbelPruningPlugin"]
 class GumbelPruningPlugin(SupervisedPlugin):
     """Prunes rarely selected adapters after each training experience, then consolidates the new one.
 
-    The decision (:class:`~avalanche_sdlora.pruning.SelectionPruner`) runs in ``after_training_exp``,
-    before the experience's evaluation. Each adapter's alpha, logit, mean beta, frequency and decision
-    is published through the strategy's evaluator, so every logger records it, and kept in
+    The decision (:class:`~avalanche_sdlora.pruning.SelectionPruner`, or the ``pruner`` given, such
+    as the :class:`~avalanche_sdlora.pruning.RandomPruner` control) runs in ``after_training_exp``,
+    before the experience's evaluation. Each adapter's alpha, logit, betas, frequency, decision and
+    agreement is published through the strategy's evaluator, so every logger records it, and kept in
     ``history`` for the report. With the model's gate off there is nothing to select: every adapter
     is kept.
 
     Place it before plugins that snapshot the model in ``after_training_exp`` (LwF), so they see the
-    consolidated model; ``SDLoRA`` puts its default instance first.
+    consolidated model; ``SDLoRA`` puts its default instance first. The experience index is taken
+    when the experience starts, so the plugin may sit anywhere in the list.
     """
 
-    def __init__(self, num_samples: int = 10, threshold: float = 0.2):
+    def __init__(
+        self,
+        num_samples: int = 200,
+        threshold: float = 0.2,
+        rule: str = "eval_beta",
+        seed: int = 0,
+        pruner: SelectionPruner | None = None,
+    ):
         super().__init__()
-        self.pruner = SelectionPruner(num_samples=num_samples, threshold=threshold)
+        self.pruner = pruner or SelectionPruner(
+            rule=rule, num_samples=num_samples, threshold=threshold, seed=seed
+        )
         self.history: list[AdapterDecision] = []
+        self._experience = 0
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self._experience = strategy.clock.train_exp_counter
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         model = strategy.model
-        experience = strategy.clock.train_exp_counter
         if model.gate_enabled:
-            decisions = self.pruner.decide(model, experience)
+            decisions = self.pruner.decide(model, self._experience)
             self.pruner.apply(model, decisions)
             self.history.extend(decisions)
             self._publish(strategy, decisions)
@@ -43,7 +57,7 @@ class GumbelPruningPlugin(SupervisedPlugin):
         x_plot = strategy.clock.train_iterations
         for decision in decisions:
             prefix = f"Pruning/Exp{decision.experience:03d}/Adapter{decision.adapter:03d}"
-            for field in ("alpha", "logit", "mean_beta", "frequency", "pruned"):
+            for field in ("alpha", "logit", "eval_beta", "mean_beta", "frequency", "pruned"):
                 value = float(getattr(decision, field))
                 strategy.evaluator.publish_metric_value(
                     MetricValue(self, f"{prefix}/{field}", value, x_plot)

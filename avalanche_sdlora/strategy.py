@@ -21,7 +21,12 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
-from avalanche_sdlora.gate import annealed_temperature, entropy_sparsity, gini_sparsity
+from avalanche_sdlora.gate import (
+    annealed_temperature,
+    entropy_sparsity,
+    gini_sparsity,
+    phase_temperature,
+)
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.plugins import GumbelPruningPlugin
 from avalanche_sdlora.report import peak_memory_mb
@@ -38,6 +43,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 SPARSITY = {"gini": gini_sparsity, "entropy": entropy_sparsity}
 LOSS_ON = ("current", "seen")
+GUMBEL_SCHEDULES = ("phase", "step")
 PARAMETER_ROLES = ("adapters", "alphas", "logits", "head")
 
 
@@ -64,10 +70,17 @@ class SDLoRA(SupervisedTemplate):
         head_lr: learning rate of the head; ``None`` uses ``lr``.
         optimizer: ``"sgd"`` (with ``momentum``), ``"adam"`` or ``"adamw"``; ``weight_decay`` applies
             to the adapters and the head (alphas have ``lambda_alpha``, logits none).
+        gate_optimizer: ``None`` trains the logits in ``optimizer`` (their own group, ``gate_lr``);
+            ``"sgd"``, ``"adam"`` or ``"adamw"`` gives them an optimizer of their own
+            (``strategy.gate_optimizer``), stepped with the main one.
         phase1_fraction: share of ``train_epochs`` spent in phase 1: ``floor(f * epochs)``, at least 1
             when ``train_epochs >= 2``.
-        gumbel_tau_init, gumbel_tau_final, gumbel_anneal_rate: the temperature anneals per training
-            step over both phases, from ``tau_init`` towards ``tau_final``, restarting each experience.
+        gumbel_schedule: ``"phase"``: the temperature anneals geometrically from ``tau_init`` to
+            ``tau_final`` over phase 1 (in a joint phase: over ``phase1_fraction`` of its steps) and
+            stays at ``tau_final`` after, whatever the number of steps; ``"step"``: the seed's
+            ``tau_final + (tau_init - tau_final) * gumbel_anneal_rate ** step`` over both phases.
+            Either restarts each experience.
+        gumbel_tau_init, gumbel_tau_final, gumbel_anneal_rate: the schedule's settings.
             ``gumbel_tau_final`` is also written to the model's gate as its evaluation temperature.
         lambda_sparsity, sparsity: weight and form (``"gini"`` or ``"entropy"``) of the phase-1
             sparsity regulariser on beta.
@@ -76,6 +89,9 @@ class SDLoRA(SupervisedTemplate):
             the classes of any replayed sample in the batch); ``"seen"``: over every class seen.
         pruning: add a default :class:`GumbelPruningPlugin` unless ``plugins`` holds one.
         two_phase: ``False`` trains logits, alphas and the new adapter jointly in one phase.
+        protect_new_adapter: when the new adapter starts training (phase 2, or the joint phase), its
+            logit is raised to the highest active logit, so it is selected at least as often as the
+            best old adapter and cannot be starved by a phase 1 that judged it at its zero init.
 
     One optimizer lives as long as the strategy (``strategy.optimizer``), with four parameter groups
     (adapters, alphas, logits, head); each phase refills the groups with its trainable tensors and
@@ -104,9 +120,11 @@ class SDLoRA(SupervisedTemplate):
         gate_lr: float = 0.04,
         head_lr: float | None = None,
         optimizer: str = "sgd",
+        gate_optimizer: str | None = None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         phase1_fraction: float = 0.6,
+        gumbel_schedule: str = "phase",
         gumbel_tau_init: float = 5.0,
         gumbel_tau_final: float = 0.5,
         gumbel_anneal_rate: float = 0.999,
@@ -116,6 +134,7 @@ class SDLoRA(SupervisedTemplate):
         loss_on: str = "current",
         pruning: bool = True,
         two_phase: bool = True,
+        protect_new_adapter: bool = True,
     ):
         if not isinstance(model, SDLoRAViT):
             raise TypeError(f"SDLoRA trains an SDLoRAViT, got {type(model).__name__}")
@@ -131,6 +150,9 @@ class SDLoRA(SupervisedTemplate):
             _require(value > 0, f"{name} must be > 0, got {value}")
         _require(head_lr is None or head_lr > 0, f"head_lr must be > 0 or None, got {head_lr}")
         _choice("optimizer", optimizer, list(OPTIMIZERS))
+        if gate_optimizer is not None:
+            _choice("gate_optimizer", gate_optimizer, list(OPTIMIZERS))
+        _choice("gumbel_schedule", gumbel_schedule, GUMBEL_SCHEDULES)
         _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         _require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
         _require(
@@ -179,6 +201,14 @@ class SDLoRA(SupervisedTemplate):
             peval_mode=peval_mode,
         )
         model.gate.tau_final = gumbel_tau_final
+        self.gate_optimizer: torch.optim.Optimizer | None = None
+        """The logits' own optimizer (``gate_optimizer``), or ``None`` when they train in ``optimizer``."""
+        if gate_optimizer is not None:
+            gate_group = {"params": [], "name": "logits", "lr": gate_lr, "weight_decay": 0.0}
+            gate_extra = {"momentum": momentum} if gate_optimizer == "sgd" else {}
+            self.gate_optimizer = OPTIMIZERS[gate_optimizer]([gate_group], lr=gate_lr, **gate_extra)
+        self.gumbel_schedule = gumbel_schedule
+        self.protect_new_adapter = protect_new_adapter
         self.phase1_fraction = phase1_fraction
         self.gumbel_tau_init = gumbel_tau_init
         self.gumbel_tau_final = gumbel_tau_final
@@ -192,6 +222,8 @@ class SDLoRA(SupervisedTemplate):
         """1 (selection), 2 (new task) or ``JOINT_PHASE`` while training; ``None`` otherwise."""
         self.gate_step = 0
         """Training steps taken in the current experience: the temperature schedule's clock."""
+        self.anneal_steps = 0
+        """Steps of the current experience over which ``gumbel_schedule="phase"`` anneals."""
         self.experience_log: list[dict] = []
         """One record per trained experience: adapters, parameters, wall time, peak memory."""
         self._phase_seconds: dict[str, float] = {}
@@ -219,6 +251,8 @@ class SDLoRA(SupervisedTemplate):
         learns_selection = model.gate_enabled and phase in (1, JOINT_PHASE)
         for index in model.pending_adapters:
             model.set_adapter_trainable(index, learns_task)
+            if learns_task and model.gate_enabled and self.protect_new_adapter:
+                gate.raise_logit(index, max(gate.logits[i].item() for i in active))
         (gate.unfreeze_alphas if learns_task else gate.freeze_alphas)(active)
         (gate.unfreeze_logits if learns_selection else gate.freeze_logits)(active)
         model.head.requires_grad_(True)
@@ -240,6 +274,14 @@ class SDLoRA(SupervisedTemplate):
             self._phase_seconds[str(phase)] = time.perf_counter() - start
             self.phase, self.train_epochs = None, total_epochs
 
+    def _selection_steps(self, plan: list[tuple[int, int]], steps_per_epoch: int) -> int:
+        """Steps that learn selection: phase 1's, or ``phase1_fraction`` of a joint phase's."""
+        epochs = dict(plan)
+        if 1 in epochs:
+            return epochs[1] * steps_per_epoch
+        joint = epochs.get(JOINT_PHASE, 0) * steps_per_epoch
+        return max(1, round(self.phase1_fraction * joint)) if joint else 0
+
     def make_optimizer(self, **kwargs) -> None:
         """Refill the optimizer's groups with the parameters that train now; clear its state.
 
@@ -247,14 +289,27 @@ class SDLoRA(SupervisedTemplate):
         group and cannot handle several groups.
         """
         trainable = self.model.parameter_groups()
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.param_groups[0]["params"] = trainable.pop("logits")
+            self.gate_optimizer.state.clear()
+            trainable["logits"] = []
         for group in self.optimizer.param_groups:
             group["params"] = trainable[group["name"]]
         self.optimizer.state.clear()
 
+    def optimizer_step(self) -> None:
+        """The template's step, plus the logits' own optimizer (which then clears their gradients)."""
+        super().optimizer_step()
+        if self.gate_optimizer is not None:
+            self.gate_optimizer.step()
+            self.gate_optimizer.zero_grad(set_to_none=True)
+
     def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
         self.gate_step = 0
         self._phase_seconds = {}
-        for phase, epochs in self.phase_plan():
+        plan = self.phase_plan()
+        self.anneal_steps = self._selection_steps(plan, len(self.dataloader))
+        for phase, epochs in plan:
             with self._running_phase(phase, epochs):
                 super()._train_exp(experience, eval_streams, **kwargs)
 
@@ -280,11 +335,19 @@ class SDLoRA(SupervisedTemplate):
 
     def forward(self) -> Tensor:
         if self.is_training and self.model.gate_enabled:
-            self.model.gate.tau = annealed_temperature(
-                self.gate_step, self.gumbel_tau_init, self.gumbel_tau_final, self.gumbel_anneal_rate
-            )
+            self.model.gate.tau = self.temperature(self.gate_step)
             self.gate_step += 1
         return super().forward()
+
+    def temperature(self, step: int) -> float:
+        """The Gumbel temperature of training step ``step`` of the current experience."""
+        if self.gumbel_schedule == "step":
+            return annealed_temperature(
+                step, self.gumbel_tau_init, self.gumbel_tau_final, self.gumbel_anneal_rate
+            )
+        return phase_temperature(
+            step, self.anneal_steps, self.gumbel_tau_init, self.gumbel_tau_final
+        )
 
     def criterion(self) -> Tensor:
         """Cross-entropy (over the current classes in training, if so set) plus the phase's penalty."""
