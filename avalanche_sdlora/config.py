@@ -224,12 +224,12 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "alpha_init": Setting(1.0, _NUMBER, "initial magnitude of a new adapter"),
         **_optimizer(8e-3),
         "alpha_lr": Setting(0.04, _NUMBER, "learning rate of the magnitudes", check=_positive),
-        "gate_lr": Setting(0.04, _NUMBER, "learning rate of the gate logits", check=_positive),
+        "gate_lr": Setting(0.05, _NUMBER, "learning rate of the gate logits", check=_positive),
         "head_lr": Setting(
             None, _NUMBER, "learning rate of the head (null: lr)", nullable=True, check=_positive
         ),
         "gate_optimizer": Setting(
-            None,
+            "adam",
             (str,),
             "optimizer of the gate logits (null: the main optimizer, with gate_lr)",
             nullable=True,
