@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from avalanche_sdlora.gate import GumbelGate
 from avalanche_sdlora.model import SDLoRAViT
 
 __all__ = ["PRUNING_RULES", "AdapterDecision", "RandomPruner", "SelectionPruner"]
@@ -91,18 +92,17 @@ class SelectionPruner:
         state = np.random.SeedSequence([self.seed, experience, draw]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(state))
 
-    def _betas(self, model: SDLoRAViT, generator: torch.Generator) -> torch.Tensor:
+    def _betas(self, gate: GumbelGate, generator: torch.Generator) -> torch.Tensor:
         """``num_samples`` draws of beta over the active adapters (rows: draws)."""
-        active = model.gate.active_indices
-        return model.gate.sample_betas(self.num_samples, self.tau, generator)[:, active]
+        return gate.sample_betas(self.num_samples, self.tau, generator)[:, gate.active_indices]
 
-    def choose(self, model: SDLoRAViT, experience: int, generator: torch.Generator) -> set[int]:
+    def choose(self, gate: GumbelGate, experience: int, generator: torch.Generator) -> set[int]:
         """The adapters to prune, given the noise of ``generator``."""
-        active = model.gate.active_indices
+        active = gate.active_indices
         if self.rule == "eval_beta":
-            beta = model.beta(noise=False)
+            beta = gate.beta(noise=False)
             return {index for index in active if beta[index].item() == 0.0}
-        betas = self._betas(model, generator)
+        betas = self._betas(gate, generator)
         frequency, mean_beta = (betas > 0).float().mean(dim=0), betas.mean(dim=0)
         # the most selected adapter (ties: larger mean beta) is never pruned
         keep = max(range(len(active)), key=lambda k: (frequency[k].item(), mean_beta[k].item()))
@@ -113,18 +113,27 @@ class SelectionPruner:
         }
 
     @torch.no_grad()
-    def decide(self, model: SDLoRAViT, experience: int) -> list[AdapterDecision]:
-        """The decision for every active adapter; the model is not changed."""
-        gate = model.gate
-        active = gate.active_indices
-        betas = self._betas(model, self.generator(experience, 0))
-        frequency, mean_beta = (betas > 0).float().mean(dim=0), betas.mean(dim=0)
-        eval_beta = model.beta(noise=False)
-        chosen = self.choose(model, experience, self.generator(experience, 0))
+    def agreement(self, gate: GumbelGate, experience: int, chosen: set[int]) -> dict[int, float]:
+        """Per active adapter, the share of ``redraws`` re-draws that give it the fate in ``chosen``."""
         redrawn = [
-            self.choose(model, experience, self.generator(experience, draw))
+            self.choose(gate, experience, self.generator(experience, draw))
             for draw in range(1, self.redraws + 1)
         ]
+        return {
+            index: float(np.mean([(index in other) == (index in chosen) for other in redrawn]))
+            for index in gate.active_indices
+        }
+
+    @torch.no_grad()
+    def decide(self, model: SDLoRAViT, experience: int) -> list[AdapterDecision]:
+        """The decision for every active adapter of a gated model; the model is not changed."""
+        gate = model.gate
+        active = gate.active_indices
+        betas = self._betas(gate, self.generator(experience, 0))
+        frequency, mean_beta = (betas > 0).float().mean(dim=0), betas.mean(dim=0)
+        eval_beta = gate.beta(noise=False)
+        chosen = self.choose(gate, experience, self.generator(experience, 0))
+        agreement = self.agreement(gate, experience, chosen)
         pending = set(model.pending_adapters)
         return [
             AdapterDecision(
@@ -137,9 +146,7 @@ class SelectionPruner:
                 frequency=frequency[k].item(),
                 pruned=index in chosen,
                 new=index in pending,
-                agreement=float(
-                    np.mean([(index in other) == (index in chosen) for other in redrawn])
-                ),
+                agreement=agreement[index],
             )
             for k, index in enumerate(active)
         ]
@@ -172,8 +179,8 @@ class RandomPruner(SelectionPruner):
             counts[row["experience"]] = counts.get(row["experience"], 0) + int(row["pruned"])
         return counts
 
-    def choose(self, model: SDLoRAViT, experience: int, generator: torch.Generator) -> set[int]:
-        active = model.gate.active_indices
+    def choose(self, gate: GumbelGate, experience: int, generator: torch.Generator) -> set[int]:
+        active = gate.active_indices
         count = min(self.counts.get(experience, 0), len(active) - 1)
         order = torch.randperm(len(active), generator=generator)[:count]
         return {active[k] for k in order.tolist()}

@@ -283,6 +283,8 @@ def test_same_seed_gives_the_same_metrics_in_process():
         ({"phase1_fraction": 0.0}, ValueError, r"phase1_fraction must be in \(0, 1\)"),
         ({"gumbel_tau_final": 6.0}, ValueError, "gumbel_tau_init .* must be >= gumbel_tau_final"),
         ({"optimizer": "rmsprop"}, ValueError, "optimizer must be one of"),
+        ({"gate_optimizer": "rmsprop"}, ValueError, "gate_optimizer must be one of"),
+        ({"gumbel_schedule": "epoch"}, ValueError, "gumbel_schedule must be one of"),
         ({"sparsity": "l1"}, ValueError, "sparsity must be one of"),
         ({"loss_on": "all"}, ValueError, "loss_on must be one of"),
         ({"lr": 0.0}, ValueError, "lr must be > 0"),
