@@ -3,12 +3,12 @@
 # gated SD-LoRA on a 4-experience prefix of exps/tiny_imagenet.json (its first 40 classes), seed 0,
 # the study's 2 epochs, one setting changed at a time. Settings are chosen by what the gate does
 # (logit spread, agreement, adapters kept, training loss), never by test accuracy.
-# Usage: bash benchmarks/gate_sweep.sh [DATA_ROOT]   (default ../shared/data/tiny-imagenet-200/cl)
+# Usage: bash benchmarks/gate_sweep.sh DATA_ROOT   (the cl/ split of Tiny-ImageNet: cl/train, cl/val)
 # Results: runs/gate-<name>/, summarised in benchmarks/results/gate_sweep.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-DATA=${1:-../shared/data/tiny-imagenet-200/cl}
+DATA=${1:?usage: bash $0 DATA_ROOT (the cl/ split of Tiny-ImageNet)}
 probe() {  # name, settings...
   local name=$1
   shift

@@ -5,12 +5,12 @@
 # runs/results; its table, metrics, gate statistics and plots are copied to benchmarks/results/.
 # The baselines' rows (benchmarks/results/v1/, 2 epochs) come from the earlier study: their code did
 # not change since; `--compare naive,ewc,lwf,replay,cumulative --set training.epochs=2` reruns them.
-# Usage: bash benchmarks/results.sh [DATA_ROOT]   (default ../shared/data/tiny-imagenet-200/cl)
+# Usage: bash benchmarks/results.sh DATA_ROOT   (the cl/ split of Tiny-ImageNet: cl/train, cl/val)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/results}
-DATA=${1:-../shared/data/tiny-imagenet-200/cl}
+DATA=${1:?usage: bash $0 DATA_ROOT (the cl/ split of Tiny-ImageNet)}
 /usr/bin/time -f "%e s wall" "$PY" -m avalanche_sdlora.run --config exps/tiny_imagenet.json \
   --output "$RUN" --set benchmark.root="$DATA" --compare sdlora_joint,sdlora_plain,sdlora_random
 mkdir -p benchmarks/results
