@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -17,13 +18,24 @@ from avalanche.logging import CSVLogger
 __all__ = ["ResumableCSVLogger", "atomic_write", "write_csv", "write_json", "write_text"]
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: ``0o666`` less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``."""
+    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the usual permissions (``mkstemp`` would leave it readable by its owner only).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, _file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -34,8 +46,20 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda target: target.write_text(text))
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: non-finite numbers are written as ``null``."""
+    write_text(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

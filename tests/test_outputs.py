@@ -1,3 +1,8 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from avalanche_sdlora.outputs import ResumableCSVLogger, atomic_write, write_json
@@ -27,3 +32,26 @@ def test_resumable_csv_logger_keeps_earlier_rows(tmp_path):
     lines = (tmp_path / "eval_results.csv").read_text().splitlines()
     assert lines[1:] == ["0,0,0.5,1.0,0", "1,1,0.7,0.9,0"]
     assert lines[0].startswith("eval_exp")
+
+
+def test_metrics_are_strict_json_with_normal_permissions(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json(target, {"loss": float("nan"), "rows": [1.0, float("inf")], "ok": 2})
+    assert json.loads(target.read_text(), parse_constant=pytest.fail) == {
+        "loss": None,
+        "rows": [1.0, None],
+        "ok": 2,
+    }
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_importing_the_package_prints_no_qp_solver_warning():
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", "import avalanche_sdlora.run"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "QP solver" not in done.stderr
