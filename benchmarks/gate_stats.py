@@ -75,7 +75,9 @@ def run_rows(metrics: Mapping, from_experience: int = 2, tau_final: float = 0.5)
         for seed, report in entry["seeds"].items():
             if not report.get("pruning"):
                 continue
-            losses = [r["train_loss"] for r in report["experiences"] if "train_loss" in r]
+            losses = [
+                r["train_loss"] for r in report["experiences"] if r.get("train_loss") is not None
+            ]
             table.append(
                 {
                     "method": method,
