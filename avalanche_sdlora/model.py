@@ -123,7 +123,7 @@ class SDLoRAViT(DynamicModule):
         """Source of the Gumbel noise; ``None`` uses torch's global generator (checkpointed)."""
         self.last_beta: Tensor | None = None
         """The beta of the last training forward, with its graph (for the sparsity regulariser)."""
-        self._merged_from: Tensor | None = None
+        self._merged_from: tuple[tuple, list[Tensor]] | None = None
         self._adapted_experience: int | None = None
         self.register_load_state_dict_post_hook(SDLoRAViT._sync_trainable_after_load)
         self.to(next(backbone.parameters()).device)
@@ -284,8 +284,7 @@ class SDLoRAViT(DynamicModule):
     def _configure_adapters(self) -> None:
         """Hand each ``qkv`` its adapters for this forward, or the cached merge in evaluation."""
         merging = not self.training and not torch.is_grad_enabled()
-        inputs = self._merge_inputs() if merging else None
-        if merging and self._merged_from is not None and torch.equal(inputs, self._merged_from):
+        if merging and self._merge_is_current():
             return
         self._drop_merge()
         active = self.gate.active_indices
@@ -296,21 +295,34 @@ class SDLoRAViT(DynamicModule):
             if merging:  # detached: a plain tensor attribute, never a registered Parameter
                 weight = module.effective_weight(active, coefficients, normalised)
                 module.merged_weight = weight.detach()
-        self._merged_from = inputs
+        if merging:
+            self._merged_from = self._merge_settings(), [t.clone() for t in self._merge_inputs()]
 
-    def _merge_inputs(self) -> Tensor:
-        """Every value the merged weights depend on, as one flat copy.
+    def _merge_settings(self) -> tuple:
+        return self.gate_enabled, self.gate.tau_final
 
-        Compared exactly with the copy the merge was built from, so any change, an in-place
-        ``.data`` edit included (which no version counter sees), drops the merge.
-        """
+    def _merge_inputs(self) -> list[Tensor]:
+        """Every tensor the merged weights depend on."""
         tensors = [*self.gate.parameters(), self.gate.pruned, self.consolidated]
         for module in self.qkv_modules:
             tensors.extend((*module.lora_A, *module.lora_B))
-        flat = [t.detach().flatten().to(torch.float32) for t in tensors]
-        settings = [float(self.gate_enabled), self.gate.tau_final]
-        flat.append(torch.tensor(settings, device=self.consolidated.device))
-        return torch.cat(flat)
+        return [t.detach() for t in tensors]
+
+    def _merge_is_current(self) -> bool:
+        """Whether every value the merge was built from is unchanged.
+
+        Values are compared exactly with copies taken at the merge, so any change, an in-place
+        ``.data`` edit included (which no version counter sees), drops the merge.
+        """
+        if self._merged_from is None:
+            return False
+        settings, copies = self._merged_from
+        inputs = self._merge_inputs()
+        return (
+            settings == self._merge_settings()
+            and len(inputs) == len(copies)
+            and all(torch.equal(a, b) for a, b in zip(inputs, copies, strict=True))
+        )
 
     def _drop_merge(self) -> None:
         self._merged_from = None
