@@ -9,6 +9,7 @@ from typing import Any
 
 import timm
 from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
 from torch import nn
 
 __all__ = ["WEIGHT_SUFFIXES", "BackboneError", "build_backbone", "check_backbone"]
@@ -78,7 +79,11 @@ def build_backbone(settings: Mapping[str, Any]) -> nn.Module:
         return timm.create_model(
             name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs
         )
-    except (OSError, RuntimeError) as error:  # the hub, or a file that does not fit the model
+    except TypeError as error:  # timm passes unknown kwargs on to the model class
+        raise BackboneError(
+            f"backbone.kwargs: {name!r} does not take {sorted(settings['kwargs'])}: {error}"
+        ) from error
+    except (OSError, RuntimeError, SafetensorError) as error:  # the hub, or a bad or unfit file
         source = weights or "the timm hub"
         raise BackboneError(
             f"backbone: could not load {name!r} weights from {source} "

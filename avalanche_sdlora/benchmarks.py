@@ -180,6 +180,32 @@ def class_order(
     return order
 
 
+def split_problems(
+    total: int, n_experiences: int, order: Sequence[int] | None, num_classes: int | None
+) -> list[str]:
+    """What is wrong with splitting a dataset of ``total`` classes as configured, each problem named
+    by its ``benchmark.*`` setting (empty when the split works)."""
+    problems = []
+    if order is not None:
+        try:
+            class_order(total, order=order)
+        except ValueError as error:
+            problems.append(f"benchmark.class_order: {error}")
+    if num_classes is not None and not 1 <= num_classes <= total:
+        problems.append(
+            f"benchmark.num_classes: must be in 1..{total} for this dataset, got {num_classes}"
+        )
+        return problems
+    used = total if num_classes is None else num_classes
+    if used % n_experiences:
+        divisors = [k for k in range(1, used + 1) if used % k == 0]
+        problems.append(
+            f"benchmark.n_experiences: must split the {used} classes into equal experiences "
+            f"(one of {divisors}), got {n_experiences}"
+        )
+    return problems
+
+
 def backbone_transforms(
     backbone: torch.nn.Module, train_augmentation: bool = True
 ) -> tuple[Callable, Callable]:
@@ -299,15 +325,10 @@ def make_benchmark(
             f"train_per_class must be at least 1 (or None for all), got {train_per_class}"
         )
     train, test = _load(name, root, seed)
-    order = class_order(len(train.classes), order=order)
-    num_classes = len(order) if num_classes is None else num_classes
-    if not 1 <= num_classes <= len(order):
-        raise ValueError(f"num_classes must be in 1..{len(order)} for {name}, got {num_classes}")
-    if num_classes % n_experiences:
-        raise ValueError(
-            f"num_classes ({num_classes}) must be divisible by n_experiences ({n_experiences})"
-        )
-    classes = order[:num_classes]
+    problems = split_problems(len(train.classes), n_experiences, order, num_classes)
+    if problems:
+        raise ValueError("; ".join(problems))
+    classes = order[: len(order) if num_classes is None else num_classes]
     return nc_benchmark(
         as_classification_dataset(train).subset(
             _select(train.targets, classes, train_per_class, seed)

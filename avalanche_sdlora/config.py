@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,8 @@ class Setting:
             return f"expected {self.expected}"
         if not isinstance(value, self.types):
             return f"expected {self.expected}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
         if self.choices is not None:
             values = value if isinstance(value, list) else [value]
             bad = [v for v in values if v not in self.choices]
@@ -103,16 +107,35 @@ def _unit(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
+def _momentum(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
 def _int_list(v: list) -> str | None:
     ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
     return None if ok else "must be a list of ints >= 0"
+
+
+def _distinct_int_list(v: list) -> str | None:
+    problem = _int_list(v)
+    if problem is None and len(set(v)) != len(v):
+        repeated = sorted({i for i in v if v.count(i) > 1})
+        return f"must not repeat a value (repeated: {repeated})"
+    return problem
+
+
+def _run_name(v: str) -> str | None:
+    """A run name becomes the folder ``runs/<name>``: one plain path component."""
+    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v) and ".." not in v:
+        return None
+    return "must be a plain folder name: letters, digits, '_', '-' and '.', no '/' or '..'"
 
 
 def _optimizer(lr: float, optimizer: str = "sgd") -> dict[str, Setting]:
     return {
         "lr": Setting(lr, _NUMBER, "learning rate", check=_positive),
         "optimizer": Setting(optimizer, (str,), "optimizer", choices=("sgd", "adam", "adamw")),
-        "momentum": Setting(0.9, _NUMBER, "SGD momentum", check=_unit),
+        "momentum": Setting(0.9, _NUMBER, "SGD momentum", check=_momentum),
         "weight_decay": Setting(0.0, _NUMBER, "weight decay", check=_at_least(0.0)),
     }
 
@@ -120,13 +143,22 @@ def _optimizer(lr: float, optimizer: str = "sgd") -> dict[str, Setting]:
 SCHEMA: dict[str, dict[str, Setting | dict]] = {
     "experiment": {
         "name": Setting(
-            "sdlora", (str,), "name of the run (the default run folder is runs/<name>)"
+            "sdlora",
+            (str,),
+            "name of the run (the default run folder is runs/<name>)",
+            check=_run_name,
         ),
         "strategy": Setting("sdlora", (str,), "the main method", choices=METHODS),
         "compare": Setting([], (list,), "methods run too, on the same benchmark", choices=METHODS),
-        "seeds": Setting([0], (list,), "training seeds; metrics get mean +- std", check=_int_list),
+        "seeds": Setting(
+            [0], (list,), "training seeds; metrics get mean +- std", check=_distinct_int_list
+        ),
         "baseline_seeds": Setting(
-            None, (list,), "seeds of the baselines (null: seeds)", nullable=True, check=_int_list
+            None,
+            (list,),
+            "seeds of the baselines (null: seeds)",
+            nullable=True,
+            check=_distinct_int_list,
         ),
         "device": Setting("cpu", (str,), "cpu, cuda or cuda:N"),
         "threads": Setting(
@@ -412,6 +444,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             user = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError([f"config file {path} does not exist"]) from None
+        except IsADirectoryError:
+            raise ConfigError([f"config file {path} is a directory; give a JSON file"]) from None
         except json.JSONDecodeError as error:
             raise ConfigError([f"config file {path} is not valid JSON: {error}"]) from None
         if not isinstance(user, dict):
@@ -425,15 +459,37 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if problems:
         raise ConfigError(problems)
     config = _merge(defaults(), user)
-    problems = _cross_checks(config)
+    problems = _cross_checks(config, user)
     if problems:
         raise ConfigError(problems)
+    if config["benchmark"]["name"] == "digits":
+        config["benchmark"]["root"] = None  # it reads no folder; the record says so
     return config
 
 
-def _cross_checks(config: Mapping[str, Any]) -> list[str]:
+def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[str]:
+    """Problems between settings; ``user`` (the settings as given) tells what was set explicitly."""
     problems = []
     sdlora, benchmark = config["sdlora"], config["benchmark"]
+    if benchmark["name"] == "digits" and user.get("benchmark", {}).get("root") is not None:
+        problems.append(
+            "benchmark.root: digits ships with scikit-learn and reads no folder; set it to null, "
+            f"got {benchmark['root']!r}"
+        )
+    l2p = config["baselines"]["l2p"]
+    if l2p["top_k"] > l2p["pool_size"]:
+        problems.append(
+            f"baselines.l2p.top_k: must be <= baselines.l2p.pool_size ({l2p['pool_size']}), "
+            f"got {l2p['top_k']}"
+        )
+    channels = config["backbone"]["kwargs"].get("in_chans", 3)
+    for key in ("mean", "std"):
+        values = config["backbone"]["pretrained_cfg"].get(key)
+        if values is not None and (not isinstance(values, list) or len(values) != channels):
+            problems.append(
+                f"backbone.pretrained_cfg.{key}: must be a list of {channels} numbers (one per "
+                f"input channel), got {values!r}"
+            )
     if sdlora["gumbel_tau_init"] < sdlora["gumbel_tau_final"]:
         problems.append(
             f"sdlora.gumbel_tau_init: must be >= sdlora.gumbel_tau_final "

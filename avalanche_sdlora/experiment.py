@@ -33,7 +33,7 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from avalanche_sdlora.backbones import build_backbone
+from avalanche_sdlora.backbones import BackboneError, build_backbone
 from avalanche_sdlora.baselines import make_baseline
 from avalanche_sdlora.benchmarks import (
     backbone_transforms,
@@ -41,6 +41,7 @@ from avalanche_sdlora.benchmarks import (
     class_order,
     dataset_classes,
     make_benchmark,
+    split_problems,
 )
 from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, ConfigError
 from avalanche_sdlora.model import SDLoRAViT
@@ -97,16 +98,40 @@ def seeds_of(config: Mapping[str, Any], method: str) -> list[int]:
 
 
 def preflight(config: Mapping[str, Any]) -> torch.nn.Module:
-    """Everything that can fail before work starts: data, device, and the backbone with its weights
-    (returned, for the data transforms). Raises ValueError kinds."""
-    benchmark = config["benchmark"]
-    check_dataset(benchmark["name"], benchmark["root"])
+    """Everything that can fail before work starts: the data and its split, the device, and the
+    backbone with its weights (returned, for the data transforms). Every problem found is reported
+    together in one ``ConfigError``."""
+    benchmark, problems = config["benchmark"], []
+    try:
+        check_dataset(benchmark["name"], benchmark["root"])
+    except FileNotFoundError as error:
+        problems.append(str(error))
+    else:
+        total = dataset_classes(benchmark["name"], benchmark["root"])
+        problems += split_problems(
+            total, benchmark["n_experiences"], benchmark["class_order"], benchmark["num_classes"]
+        )
     device = config["experiment"]["device"]
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise ConfigError([f"experiment.device: {device} is not available on this machine"])
-    return build_backbone(config["backbone"])  # checks the name and weights file first
+            problems.append(f"experiment.device: {device} is not available on this machine")
+    backbone = None
+    try:
+        backbone = build_backbone(config["backbone"])  # checks the name and weights file first
+    except BackboneError as error:
+        problems.append(str(error))
+    blocks = config["sdlora"]["blocks"]
+    uses_sdlora = any(method in SDLORA_VARIANTS for method in methods_of(config))
+    if backbone is not None and uses_sdlora and blocks is not None:
+        depth = len(backbone.blocks)
+        if any(index >= depth for index in blocks):
+            problems.append(
+                f"sdlora.blocks: the backbone has {depth} blocks (0..{depth - 1}), got {blocks}"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return backbone
 
 
 def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):

@@ -11,7 +11,6 @@ import json
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,8 +106,28 @@ def _plan(config: dict, run_dir: Path) -> str:
     )
 
 
+def _finished_experiences(run_dir: Path) -> int:
+    """Experiences that some run in ``run_dir`` finished (its ``progress.json`` files)."""
+    total = 0
+    for progress in run_dir.glob("*/seed*/progress.json"):
+        try:
+            total += len(json.loads(progress.read_text()).get("eval_results", []))
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def _way_on(run_dir: Path, fresh: bool) -> str:
+    """After a stop: ``--resume`` where finished work exists; else the new run folder is removed."""
+    if run_dir.exists() and _finished_experiences(run_dir):
+        return f"finished experiences are kept; continue with --resume {run_dir}"
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return "no experience had finished; the run folder was removed"
+    return f"no experience had finished in {run_dir}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", message="no QP solver found")  # avalanche's optional extra
     args = _parser().parse_args(argv)
     try:
         config, run_dir = _resolve(args)
@@ -129,13 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_experiment(config, run_dir, backbone)
     except KeyboardInterrupt:
-        print(f"interrupted; continue with --resume {run_dir}", file=sys.stderr)
+        print(f"interrupted; {_way_on(run_dir, fresh)}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as error:  # a failure while running: keep what finished, say how to go on
-        if fresh and not any(run_dir.rglob("progress.json")):
-            shutil.rmtree(run_dir, ignore_errors=True)
         print(f"error while running: {type(error).__name__}: {error}", file=sys.stderr)
-        print(f"finished experiences are kept; continue with --resume {run_dir}", file=sys.stderr)
+        print(_way_on(run_dir, fresh), file=sys.stderr)
         return EXIT_FAILURE
     print((run_dir / "summary.md").read_text())
     print(f"done in {time.perf_counter() - started:.0f} s; results in {run_dir}")

@@ -251,7 +251,10 @@ def test_imagefolder_train_subsample_is_seeded(image_tree):
 def test_imagefolder_rejects_mismatched_splits_and_indivisible_class_counts(image_tree):
     transform, _ = backbone_transforms(small_vit(16), train_augmentation=False)
     kwargs = {"train_transform": transform, "eval_transform": transform, "order": [0, 1, 2, 3]}
-    with pytest.raises(ValueError, match=r"divisible by n_experiences \(2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"must split the 3 classes into equal experiences \(one of \[1, 3\]\), got 2",
+    ):
         make_benchmark("imagefolder", root=image_tree, n_experiences=2, num_classes=3, **kwargs)
     (image_tree / "val" / "class_3").rename(image_tree / "val" / "class_9")
     with pytest.raises(ValueError, match=r"same class folders.*\['class_3', 'class_9'\]"):

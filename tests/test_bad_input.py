@@ -1,0 +1,80 @@
+"""Every bad input exits 2 before any work starts, names the setting and what is allowed, and leaves
+no run folder; a failure while running offers ``--resume`` only where finished work exists."""
+
+import json
+
+import pytest
+from test_cli import DEMO
+
+from avalanche_sdlora import experiment
+from avalanche_sdlora.run import main
+
+DEMO_KWARGS = {
+    "img_size": 64,
+    "patch_size": 8,
+    "embed_dim": 128,
+    "depth": 4,
+    "num_heads": 4,
+    "class_token": False,
+    "global_pool": "avg",
+}
+CFG = '{"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2], "crop_pct": 1.0}'
+
+CASES = [
+    (["--set", f"backbone.kwargs={json.dumps({**DEMO_KWARGS, 'bogus': 1})}"], "backbone.kwargs:"),
+    (["--set", "benchmark.n_experiences=3"], "benchmark.n_experiences: must split the 10 classes"),
+    (["--set", "benchmark.n_experiences=20"], "equal experiences (one of [1, 2, 5, 10]), got 20"),
+    (["--set", "sdlora.momentum=1.0"], "sdlora.momentum: must be in [0, 1), got 1.0"),
+    (["--set", "sdlora.blocks=[0,9]"], "sdlora.blocks: the backbone has 4 blocks (0..3)"),
+    (["--set", "benchmark.class_order=[0,1,2]"], "benchmark.class_order: class order must be"),
+    (["--set", "benchmark.num_classes=20"], "benchmark.num_classes: must be in 1..10"),
+    (["--set", f"backbone.pretrained_cfg={CFG}"], "backbone.pretrained_cfg.mean: must be a list"),
+    (["--set", "baselines.l2p.top_k=20"], "baselines.l2p.top_k: must be <= baselines.l2p.pool"),
+    (["--set", "sdlora.lr=Infinity"], "sdlora.lr: must be a finite number, got inf"),
+    (["--set", "sdlora.gate_lr=Infinity"], "sdlora.gate_lr: must be a finite number"),
+    (["--set", "experiment.seeds=[0,0]"], "experiment.seeds: must not repeat a value"),
+    (["--set", "benchmark.root=data"], "benchmark.root: digits ships with scikit-learn"),
+    (["--set", "experiment.name=../../x"], "experiment.name: must be a plain folder name"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES)
+def test_bad_input_exits_2_naming_the_setting(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["--config", DEMO, "--output", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_config_path_that_is_a_directory(tmp_path, capsys):
+    assert main(["--config", str(tmp_path)]) == 2
+    assert "is a directory; give a JSON file" in capsys.readouterr().err
+
+
+def test_a_corrupt_weights_file_is_reported_with_the_data_problems(tmp_path, capsys):
+    weights = tmp_path / "broken.safetensors"
+    weights.write_bytes(b"not a safetensors file")
+    args = ["--set", f"backbone.pretrained_file={weights}", "--set", "benchmark.n_experiences=3"]
+    assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "backbone: could not load" in err and "SafetensorError" in err
+    assert "benchmark.n_experiences: must split" in err  # reported together
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("finished", [0, 1])
+def test_a_failure_offers_resume_only_where_work_finished(tmp_path, monkeypatch, capsys, finished):
+    def fail(config, run_dir, backbone):
+        progress = run_dir / "sdlora" / "seed0" / "progress.json"
+        progress.parent.mkdir(parents=True)
+        progress.write_text(json.dumps({"eval_results": [{}] * finished, "records": []}))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(experiment, "run_experiment", fail)
+    out = tmp_path / "run"
+    assert main(["--config", DEMO, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    if finished:
+        assert f"continue with --resume {out}" in err and out.exists()
+    else:
+        assert "--resume" not in err and "run folder was removed" in err and not out.exists()
