@@ -48,6 +48,7 @@ from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.outputs import (
     ResumableCSVLogger,
     atomic_write,
+    trim_csv_logs,
     write_csv,
     write_json,
     write_text,
@@ -258,6 +259,7 @@ def _run_one(
     if progress["eval_results"] and checkpoint.exists():
         strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=strategy.device)
     del progress["eval_results"][start:], progress["records"][start:]
+    trim_csv_logs(folder / "csv", start)
     workers = {"num_workers": config["benchmark"]["num_workers"]}
     for experience in benchmark.train_stream[start:]:
         index = experience.current_experience

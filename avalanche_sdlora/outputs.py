@@ -15,7 +15,14 @@ from typing import Any
 
 from avalanche.logging import CSVLogger
 
-__all__ = ["ResumableCSVLogger", "atomic_write", "write_csv", "write_json", "write_text"]
+__all__ = [
+    "ResumableCSVLogger",
+    "atomic_write",
+    "trim_csv_logs",
+    "write_csv",
+    "write_json",
+    "write_text",
+]
 
 
 def _file_mode() -> int:
@@ -111,3 +118,23 @@ class ResumableCSVLogger(CSVLogger):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._open()
+
+
+def trim_csv_logs(folder: Path, finished: int) -> None:
+    """Drop the rows of experiences from ``finished`` on from a run's CSV logs.
+
+    A run killed during an experience leaves that experience's rows behind; a resumed run trains it
+    again, so they would appear twice. The files are rewritten in place, which keeps open handles
+    (append mode) valid.
+    """
+    for name in ResumableCSVLogger.FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        header, *rows = path.read_text().splitlines(keepends=True)
+        column = header.strip().split(",").index("training_exp")
+        kept = [row for row in rows if int(row.split(",")[column]) < finished]
+        if len(kept) < len(rows):
+            with open(path, "r+") as handle:
+                handle.write("".join([header, *kept]))
+                handle.truncate()

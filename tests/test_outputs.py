@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from avalanche_sdlora.outputs import ResumableCSVLogger, atomic_write, write_json
+from avalanche_sdlora.outputs import ResumableCSVLogger, atomic_write, trim_csv_logs, write_json
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
@@ -55,3 +55,20 @@ def test_importing_the_package_prints_no_qp_solver_warning():
         check=True,
     )
     assert "QP solver" not in done.stderr
+
+
+def test_a_resume_drops_the_rows_of_the_unfinished_experience(tmp_path):
+    training = "training_exp,epoch,training_accuracy,val_accuracy,training_loss,val_loss\n"
+    training += "".join(f"{exp},{epoch},0,0,0.5,0\n" for exp in (0, 1, 2) for epoch in (0, 1))
+    (tmp_path / "training_results.csv").write_text(training[: -len("2,1,0,0,0.5,0\n")])
+    evaluation = (
+        "eval_exp,training_exp,eval_accuracy,eval_loss,forgetting\n0,0,0.5,0,0\n0,1,0.4,0,0\n"
+    )
+    (tmp_path / "eval_results.csv").write_text(evaluation)
+    logger = ResumableCSVLogger(tmp_path)  # open handles, as in a resumed run
+    trim_csv_logs(tmp_path, finished=1)  # experience 1 was killed mid-way
+    print("1,0,0,0,0.4,0", file=logger.training_file)
+    logger.training_file.flush()
+    lines = (tmp_path / "training_results.csv").read_text().splitlines()
+    assert lines[1:] == ["0,0,0,0,0.5,0", "0,1,0,0,0.5,0", "1,0,0,0,0.4,0"]
+    assert (tmp_path / "eval_results.csv").read_text().splitlines()[1:] == ["0,0,0.5,0,0"]
