@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "BASELINES",
+    "FREE_FORM_SETTINGS",
     "METHODS",
     "RANDOM_CONTROL",
     "SCHEMA",
@@ -373,12 +374,19 @@ def validate(
     return problems
 
 
-_FREE_FORM = ("kwargs", "pretrained_cfg")  # dict settings replaced whole, not merged key by key
+FREE_FORM_SETTINGS = (
+    "kwargs",
+    "pretrained_cfg",
+)  # dict settings replaced whole, not merged key by key
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and key not in _FREE_FORM:
+        if (
+            isinstance(value, Mapping)
+            and isinstance(base.get(key), dict)
+            and key not in FREE_FORM_SETTINGS
+        ):
             _merge(base[key], value)
         else:
             base[key] = copy.deepcopy(value)

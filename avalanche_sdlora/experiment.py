@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import time
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -98,11 +99,33 @@ def seeds_of(config: Mapping[str, Any], method: str) -> list[int]:
     return experiment["baseline_seeds"]
 
 
-def preflight(config: Mapping[str, Any]) -> torch.nn.Module:
-    """Everything that can fail before work starts: the data and its split, the device, and the
-    backbone with its weights (returned, for the data transforms). Every problem found is reported
-    together in one ``ConfigError``."""
-    benchmark, problems = config["benchmark"], []
+def check_run_files(run_dir: Path) -> list[str]:
+    """The unreadable ``progress.json`` and ``checkpoint.pkl`` files of a run folder, each with the
+    way out. A checkpoint is a zip archive (``torch.save``); a truncated one has lost its directory."""
+    problems = []
+    for folder in sorted(run_dir.glob("*/seed*")):
+        way_out = f"delete {folder} to train that run again from its start"
+        progress, checkpoint = folder / "progress.json", folder / "checkpoint.pkl"
+        if progress.exists():
+            try:
+                json.loads(progress.read_text())
+            except ValueError as error:
+                problems.append(f"{progress} is unreadable ({error}); {way_out}")
+        if checkpoint.exists():
+            try:
+                zipfile.ZipFile(checkpoint).close()
+            except (zipfile.BadZipFile, OSError) as error:
+                problems.append(f"{checkpoint} is unreadable ({error}); {way_out}")
+    return problems
+
+
+def preflight(config: Mapping[str, Any], run_dir: Path | None = None) -> torch.nn.Module:
+    """Everything that can fail before work starts: the data and its split, the device, the
+    backbone with its weights (returned, for the data transforms), and, for a resumed ``run_dir``,
+    its progress and checkpoint files. Every problem found is reported together in one
+    ``ConfigError``."""
+    benchmark = config["benchmark"]
+    problems = [] if run_dir is None else check_run_files(run_dir)
     try:
         check_dataset(benchmark["name"], benchmark["root"])
     except FileNotFoundError as error:

@@ -153,10 +153,11 @@ class SDLoRAViT(DynamicModule):
     def adaptation(self, experience: CLExperience) -> None:
         """Avalanche's hook: one new adapter per training experience; the head grows to its classes.
 
-        A plugin that adapts the model again within the same experience (GDumb does) adds nothing.
+        A plugin that adapts the model again within the same experience (GDumb does) adds nothing;
+        experiences are told apart by ``current_experience`` (without one, every call adds).
         """
-        key = getattr(experience, "current_experience", id(experience))
-        if self.training and key != self._adapted_experience:
+        key = getattr(experience, "current_experience", None)
+        if self.training and (key is None or key != self._adapted_experience):
             self.add_adapter()
             self._adapted_experience = key
         self.head.adaptation(experience)

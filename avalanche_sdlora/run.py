@@ -14,7 +14,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from avalanche_sdlora.config import METHODS, ConfigError, describe_schema, load_config
+from avalanche_sdlora.config import (
+    FREE_FORM_SETTINGS,
+    METHODS,
+    ConfigError,
+    describe_schema,
+    load_config,
+)
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -70,7 +76,21 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, Path]:
         saved = args.resume / "config.json"
         if not saved.is_file():
             raise ConfigError([f"--resume {args.resume}: no config.json there (not a run folder)"])
-        return load_config(saved, overrides), args.resume
+        config = load_config(saved, overrides)
+        changed = [
+            f"{path}: {old!r} -> {new!r}"
+            for path, old, new in _changed_settings(load_config(saved), config)
+            if path not in RESUME_MAY_CHANGE
+        ]
+        if changed and _finished_experiences(args.resume):
+            raise ConfigError(
+                [
+                    f"--resume {args.resume}: these changes would alter finished work, so they are "
+                    f"refused (start a new run instead): {'; '.join(changed)}; a resume may change "
+                    f"only {', '.join(RESUME_MAY_CHANGE)}"
+                ]
+            )
+        return config, args.resume
     if args.config is None:
         raise ConfigError(["--config is required (or --resume DIR)"])
     config = load_config(args.config, overrides)
@@ -81,6 +101,30 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, Path]:
             [f"--output {args.output} already holds a run; use --resume {args.output}"]
         )
     return config, args.output
+
+
+RESUME_MAY_CHANGE = (
+    "experiment.compare",
+    "experiment.seeds",
+    "experiment.baseline_seeds",
+    "experiment.workers",
+    "experiment.threads",
+    "experiment.device",
+    "benchmark.num_workers",
+)
+"""Settings a resume may change: they add runs or move work, never alter a finished run."""
+
+
+def _changed_settings(old: dict, new: dict, path: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted path, old value, new value)`` of every setting that differs."""
+    changed = []
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key not in FREE_FORM_SETTINGS:
+            changed += _changed_settings(a, b, f"{path}{key}.")
+        elif a != b:
+            changed.append((f"{path}{key}", a, b))
+    return sorted(changed)
 
 
 def _fresh_run_dir(default: Path) -> Path:
@@ -133,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, run_dir = _resolve(args)
         from avalanche_sdlora.experiment import preflight  # heavy imports after the cheap checks
 
-        backbone = preflight(config)
+        backbone = preflight(config, run_dir if args.resume is not None else None)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2,9 +2,10 @@
 no run folder; a failure while running offers ``--resume`` only where finished work exists."""
 
 import json
+import shutil
 
 import pytest
-from test_cli import DEMO
+from test_cli import DEMO, SHRINK
 
 from avalanche_sdlora import experiment
 from avalanche_sdlora.run import main
@@ -78,3 +79,32 @@ def test_a_failure_offers_resume_only_where_work_finished(tmp_path, monkeypatch,
         assert f"continue with --resume {out}" in err and out.exists()
     else:
         assert "--resume" not in err and "run folder was removed" in err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    assert (
+        main(["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]", "--output", str(out)])
+        == 0
+    )
+    return out
+
+
+def test_a_resume_refuses_settings_that_would_alter_finished_work(finished_run, capsys):
+    assert main(["--resume", str(finished_run), "--set", "training.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "training.epochs: 1 -> 2" in err and "start a new run instead" in err
+    assert json.loads((finished_run / "config.json").read_text())["training"]["epochs"] == 1
+    assert main(["--resume", str(finished_run), "--set", "experiment.threads=1"]) == 0
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pkl", "progress.json"])
+def test_a_truncated_run_file_is_named_with_the_way_out(finished_run, tmp_path, capsys, name):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "sdlora" / "seed0" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is unreadable" in err and f"delete {path.parent} to train that run again" in err
