@@ -3,7 +3,7 @@
 Layout of a run folder::
 
     config.json               the resolved configuration
-    metrics.json              every metric of DESIGN.md per method and seed, and mean +- std
+    metrics.json              every metric of docs/METHOD.md per method and seed, and mean +- std
     accuracy_matrix.csv       R[t][j] per method and seed
     pruning.csv               the pruning decisions of the gated SD-LoRA runs
     summary.md                one table row per method

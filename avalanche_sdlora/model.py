@@ -1,7 +1,7 @@
 """SD-LoRA on a frozen timm Vision Transformer, as an Avalanche dynamic module.
 
 For every targeted projection p the network uses ``W^p = W0^p + sum_i beta_i * alpha_i * D_i^p`` over
-the active adapters (DESIGN.md). Avalanche's model adaptation grows the model: one adapter per training
+the active adapters (docs/METHOD.md). Avalanche's model adaptation grows the model: one adapter per training
 experience and a linear head over every class seen so far.
 """
 

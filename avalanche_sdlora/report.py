@@ -1,4 +1,4 @@
-"""Turn a finished run into the metrics of DESIGN.md.
+"""Turn a finished run into the metrics of docs/METHOD.md.
 
 The input is what an Avalanche run leaves behind: the dictionaries ``strategy.eval(test_stream)``
 returned after each training experience (Avalanche's per-experience accuracy metrics), and, for SD-LoRA,
@@ -58,7 +58,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class RunReport:
-    """DESIGN.md's metrics of one run; accuracies in percent."""
+    """The metrics of one run (docs/METHOD.md); accuracies in percent."""
 
     accuracy_matrix: list[list[float]]
     last_accuracy: float

@@ -61,7 +61,7 @@ class SDLoRA(SupervisedTemplate):
     """SD-LoRA with a Gumbel-Sparsemax adapter gate, used like any Avalanche strategy.
 
     The template's arguments keep their meaning (``eval_mb_size`` defaults to ``train_mb_size``).
-    The method's own settings default to the seed's values (DESIGN.md):
+    The method's own settings default to the seed's values, except where docs/METHOD.md says why not:
 
     Args:
         lr: learning rate of the new adapter's A and B (and of the head unless ``head_lr``).

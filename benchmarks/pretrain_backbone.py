@@ -17,7 +17,7 @@ Writes ``<out-dir>/<name>.safetensors`` (fp16 state dict, classifier head includ
 command line, sha256 of the weights); before writing the JSON it rebuilds the model from the kwargs
 and the fp16 file and checks that they reproduce the val accuracy. Run from the repository root:
 
-    python benchmarks/pretrain_backbone.py [--data ../shared/data/tiny-imagenet-200] [--minutes 85]
+    python benchmarks/pretrain_backbone.py [--data data/tiny-imagenet-200] [--minutes 85]
         [--seed 0] [--out-dir benchmarks/weights] [--name vit_tin100]
 """
 
@@ -154,7 +154,7 @@ def log(message: str, start: float) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/tiny-imagenet-200")
+    parser.add_argument("--data", type=Path, default=REPO / "data/tiny-imagenet-200")
     parser.add_argument("--minutes", type=float, default=85.0, help="wall-clock budget, all in")
     parser.add_argument("--steps", type=int, default=None, help="fixed step count (no clock)")
     parser.add_argument("--seed", type=int, default=0)
