@@ -12,6 +12,7 @@ Missing data fails fast: ``check_dataset`` runs before anything is built and nev
 from __future__ import annotations
 
 import math
+import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from operator import methodcaller
@@ -127,7 +128,8 @@ def check_dataset(name: str, root: str | Path | None) -> None:
             raise DatasetNotFoundError(
                 f"CIFAR-100 not found: {', '.join(str(folder / f) for f in missing)} missing. "
                 f"Expected torchvision's layout {folder}/{{{','.join(files)}}}: extract "
-                f"{CIFAR100_URL} into {folder.parent} (no download is attempted)."
+                f"{CIFAR100_URL} into {folder.parent}, or set benchmark.download to true to let "
+                "torchvision download it (no download is attempted otherwise)."
             )
     elif name == "imagefolder":
         layout = "<root>/train/<class>/<image> and <root>/val/<class>/<image>"
@@ -140,6 +142,25 @@ def check_dataset(name: str, root: str | Path | None) -> None:
                     f"no class folders in {folder}: the imagefolder benchmark expects {layout} "
                     f"with <root> = {root}"
                 )
+
+
+def download_cifar100(root: str | Path | None, timeout: float = 60.0) -> None:
+    """Download and extract CIFAR-100 with torchvision (which checks the archive's md5) into
+    ``root``. Every network read times out after ``timeout`` seconds, so an offline machine gets a
+    ``DatasetNotFoundError`` instead of a hang."""
+    folder = _cifar_root(root)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        CIFAR100(str(folder), train=True, download=True)
+    except (OSError, RuntimeError) as error:  # URLError and timeouts are OSErrors
+        raise DatasetNotFoundError(
+            f"benchmark.download: could not download CIFAR-100 from {CIFAR100_URL} into {folder} "
+            f"({type(error).__name__}: {error}); offline, extract the archive there yourself and "
+            "set benchmark.download to false"
+        ) from error
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def dataset_classes(name: str, root: str | Path | None) -> int:

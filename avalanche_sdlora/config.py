@@ -216,6 +216,11 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             check=_at_least(1),
         ),
         "train_augmentation": Setting(True, (bool,), "random resized crop + flip in training"),
+        "download": Setting(
+            False,
+            (bool,),
+            "split_cifar100: download CIFAR-100 with torchvision (md5-checked) when it is missing",
+        ),
         "num_workers": Setting(0, (int,), "data loader workers", check=_at_least(0)),
     },
     "backbone": {

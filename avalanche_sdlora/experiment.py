@@ -41,6 +41,7 @@ from avalanche_sdlora.benchmarks import (
     check_dataset,
     class_order,
     dataset_classes,
+    download_cifar100,
     make_benchmark,
     split_problems,
 )
@@ -99,6 +100,16 @@ def seeds_of(config: Mapping[str, Any], method: str) -> list[int]:
     return experiment["baseline_seeds"]
 
 
+def _ensure_dataset(benchmark: Mapping[str, Any]) -> None:
+    """The benchmark's data is on disk, downloaded first where ``benchmark.download`` allows it."""
+    try:
+        check_dataset(benchmark["name"], benchmark["root"])
+    except FileNotFoundError:
+        if not (benchmark["download"] and benchmark["name"] == "split_cifar100"):
+            raise
+        download_cifar100(benchmark["root"])
+
+
 def check_run_files(run_dir: Path) -> list[str]:
     """The unreadable ``progress.json`` and ``checkpoint.pkl`` files of a run folder, each with the
     way out. A checkpoint is a zip archive (``torch.save``); a truncated one has lost its directory."""
@@ -127,7 +138,7 @@ def preflight(config: Mapping[str, Any], run_dir: Path | None = None) -> torch.n
     benchmark = config["benchmark"]
     problems = [] if run_dir is None else check_run_files(run_dir)
     try:
-        check_dataset(benchmark["name"], benchmark["root"])
+        _ensure_dataset(benchmark)
     except FileNotFoundError as error:
         problems.append(str(error))
     else:

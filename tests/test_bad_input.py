@@ -3,11 +3,15 @@ no run folder; a failure while running offers ``--resume`` only where finished w
 
 import json
 import shutil
+import socket
+import urllib.error
 
 import pytest
+import torchvision
 from test_cli import DEMO, SHRINK
 
 from avalanche_sdlora import experiment
+from avalanche_sdlora.benchmarks import CIFAR100_URL
 from avalanche_sdlora.run import main
 
 DEMO_KWARGS = {
@@ -108,3 +112,26 @@ def test_a_truncated_run_file_is_named_with_the_way_out(finished_run, tmp_path, 
     assert main(["--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{path} is unreadable" in err and f"delete {path.parent} to train that run again" in err
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_missing_cifar_names_the_download_option_and_a_failed_download(
+    tmp_path, monkeypatch, capsys, download
+):
+    calls = []
+
+    def offline(url, root, **kwargs):
+        calls.append((url, root, socket.getdefaulttimeout()))
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    args = ["--set", "benchmark.name=split_cifar100", "--set", f"benchmark.root={tmp_path}"]
+    args += ["--set", f"benchmark.download={str(download).lower()}"]
+    assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    if download:
+        assert calls == [(CIFAR100_URL, str(tmp_path), 60.0)] and socket.getdefaulttimeout() is None
+        assert f"benchmark.download: could not download CIFAR-100 from {CIFAR100_URL}" in err
+    else:
+        assert not calls and "or set benchmark.download to true" in err
+    assert not (tmp_path / "run").exists()
