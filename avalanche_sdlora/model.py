@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 from avalanche.benchmarks import CLExperience
-from avalanche.models import DynamicModule, IncrementalClassifier
+from avalanche.models import BaseModel, DynamicModule, IncrementalClassifier
 from torch import Tensor, nn
 
 from avalanche_sdlora.adapters import QKV_LETTERS, LoRAQKV, direction_norms
@@ -66,7 +66,7 @@ def _check_blocks(blocks: Iterable[int] | None, num_blocks: int) -> list[int]:
     return sorted(chosen)
 
 
-class SDLoRAViT(DynamicModule):
+class SDLoRAViT(DynamicModule, BaseModel):
     """A frozen timm ViT with SD-LoRA adapters on its fused ``qkv`` and a growing linear head.
 
     Args:
@@ -123,6 +123,8 @@ class SDLoRAViT(DynamicModule):
         """Source of the Gumbel noise; ``None`` uses torch's global generator (checkpointed)."""
         self.last_beta: Tensor | None = None
         """The beta of the last training forward, with its graph (for the sparsity regulariser)."""
+        self.features: Tensor | None = None
+        """The head's input of the last forward."""
         self._merged_from: tuple[tuple, list[Tensor]] | None = None
         self._adapted_experience: int | None = None
         self.register_load_state_dict_post_hook(SDLoRAViT._sync_trainable_after_load)
@@ -343,15 +345,22 @@ class SDLoRAViT(DynamicModule):
         self._configure_adapters()
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
+    def get_features(self, x: Tensor) -> Tensor:
+        """Avalanche's feature accessor (``BaseModel.get_features``, used by LFL): the head's input."""
+        return self.forward_features(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.forward_features(x))
+        """Logits over the classes seen so far; the head's input stays in ``self.features`` (the
+        attribute Avalanche's ``FeatureDistillationPlugin`` reads)."""
+        self.features = self.forward_features(x)
+        return self.head(self.features)
 
     # --------------------------------------------------------------- persistence
 
     def __getstate__(self) -> dict:
         """Drop the per-forward state: ``last_beta`` holds a graph; the merge is rebuilt on demand."""
         state = self.__dict__.copy()
-        state.update(last_beta=None, _merged_from=None)
+        state.update(last_beta=None, _merged_from=None, features=None)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:

@@ -334,6 +334,8 @@ class SDLoRA(SupervisedTemplate):
     # ------------------------------------------------------------ step and loss
 
     def forward(self) -> Tensor:
+        if self.is_training:
+            self.model.train()  # a plugin may have switched it to eval (Avalanche's LFL does)
         if self.is_training and self.model.gate_enabled:
             self.model.gate.tau = self.temperature(self.gate_step)
             self.gate_step += 1
