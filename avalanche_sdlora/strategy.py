@@ -298,11 +298,10 @@ class SDLoRA(SupervisedTemplate):
         self.optimizer.state.clear()
 
     def optimizer_step(self) -> None:
-        """The template's step, plus the logits' own optimizer (which then clears their gradients)."""
+        """The template's step, plus the logits' own optimizer."""
         super().optimizer_step()
         if self.gate_optimizer is not None:
             self.gate_optimizer.step()
-            self.gate_optimizer.zero_grad(set_to_none=True)
 
     def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
         self.gate_step = 0
@@ -336,6 +335,8 @@ class SDLoRA(SupervisedTemplate):
     def forward(self) -> Tensor:
         if self.is_training:
             self.model.train()  # a plugin may have switched it to eval (Avalanche's LFL does)
+            if self.gate_optimizer is not None:  # the template clears only the main optimizer
+                self.gate_optimizer.zero_grad()
         if self.is_training and self.model.gate_enabled:
             self.model.gate.tau = self.temperature(self.gate_step)
             self.gate_step += 1
