@@ -349,7 +349,7 @@ def make_benchmark(
     problems = split_problems(len(train.classes), n_experiences, order, num_classes)
     if problems:
         raise ValueError("; ".join(problems))
-    classes = order[: len(order) if num_classes is None else num_classes]
+    classes = order[:num_classes]  # None: all
     return nc_benchmark(
         as_classification_dataset(train).subset(
             _select(train.targets, classes, train_per_class, seed)

@@ -35,17 +35,17 @@ __all__ = [
 ]
 
 BASELINES = ("naive", "ewc", "lwf", "replay", "cumulative", "l2p")
+RANDOM_CONTROL = "sdlora_random"
+"""Prunes, per experience, as many adapters as the ``sdlora`` run of the same seed, at random."""
 SDLORA_VARIANTS: dict[str, dict[str, bool]] = {
     "sdlora": {},
     "sdlora_joint": {
         "two_phase": False
     },  # the gate, trained in one joint phase (the seed's ablation)
     "sdlora_plain": {"gate": False},  # plain SD-LoRA
-    "sdlora_random": {},  # the control: prunes as many adapters as sdlora, chosen at random
+    RANDOM_CONTROL: {},  # trains like sdlora; its pruning is chosen at random
 }
 """SD-LoRA methods: the ``sdlora`` section with these settings overridden."""
-RANDOM_CONTROL = "sdlora_random"
-"""Prunes, per experience, as many adapters as the ``sdlora`` run of the same seed, at random."""
 METHODS = (*SDLORA_VARIANTS, *BASELINES)
 _NUMBER = (int, float)
 
@@ -379,10 +379,8 @@ def validate(
     return problems
 
 
-FREE_FORM_SETTINGS = (
-    "kwargs",
-    "pretrained_cfg",
-)  # dict settings replaced whole, not merged key by key
+FREE_FORM_SETTINGS = ("kwargs", "pretrained_cfg")
+"""Dict settings replaced whole, not merged (or compared) key by key."""
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -334,12 +334,13 @@ class SDLoRA(SupervisedTemplate):
 
     def forward(self) -> Tensor:
         if self.is_training:
-            self.model.train()  # a plugin may have switched it to eval (Avalanche's LFL does)
+            if not self.model.training:  # a plugin switched it to eval (Avalanche's LFL does)
+                self.model.train()
             if self.gate_optimizer is not None:  # the template clears only the main optimizer
                 self.gate_optimizer.zero_grad()
-        if self.is_training and self.model.gate_enabled:
-            self.model.gate.tau = self.temperature(self.gate_step)
-            self.gate_step += 1
+            if self.model.gate_enabled:
+                self.model.gate.tau = self.temperature(self.gate_step)
+                self.gate_step += 1
         return super().forward()
 
     def temperature(self, step: int) -> float:
