@@ -3,7 +3,13 @@
 from avalanche_sdlora import _compat  # noqa: F401  (fixes checkpoint pickling on import)
 from avalanche_sdlora.gate import GumbelGate
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.plugins import GumbelPruningPlugin
+from avalanche_sdlora.plugins import GumbelPruningPlugin, KnowledgeDistillationPlugin
 from avalanche_sdlora.strategy import SDLoRA
 
-__all__ = ["GumbelGate", "GumbelPruningPlugin", "SDLoRA", "SDLoRAViT"]
+__all__ = [
+    "GumbelGate",
+    "GumbelPruningPlugin",
+    "KnowledgeDistillationPlugin",
+    "SDLoRA",
+    "SDLoRAViT",
+]

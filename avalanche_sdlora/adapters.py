@@ -1,10 +1,15 @@
 """Low-rank adapters on the q/k/v slices of a fused ``qkv`` linear.
 
 :class:`LoRAQKV` replaces a block's ``attn.qkv``. It keeps the frozen weight and bias under their
-original names (so timm checkpoints still load) and holds, per adapter, ``A`` (P x r x d_in, Kaiming
-uniform) and ``B`` (P x d_out x r, zero) for its P targeted projections. All adapters of a projection are
-applied as one stacked low-rank product in weight space, ``B_stack diag(s) A_stack`` of rank ``r * n``:
-its cost does not grow with the batch, so a step costs nearly the same with 1 adapter or 20.
+original names (so timm checkpoints still load) and holds, per adapter, ``A`` (P x r_i x d_in, Kaiming
+uniform) and ``B`` (P x d_out x r_i, zero) for its P targeted projections; adapters may differ in rank
+(SD-LoRA-RR). All adapters of a projection are applied as one low-rank product in weight space,
+``B_cat diag(s) A_cat`` with the factors concatenated along the rank (``sum_i r_i``): its cost does not
+grow with the batch, so a step costs nearly the same with 1 adapter or 20.
+
+Per adapter and projection the layer also keeps a magnitude correction and an ``absorbed`` flag
+(SD-LoRA-KD): an absorbed slice leaves the product, and its contribution lives on in the corrections of
+the adapters it was fitted on.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class LoRAQKV(nn.Module):
 
     Args:
         qkv: the frozen ``nn.Linear`` producing q, k and v concatenated (``out = 3 * d_out``).
-        rank: the adapters' rank r.
+        rank: the rank of adapters added without one of their own.
         targets: the slices that get adapters, a subset of ``"qkv"``.
     """
 
@@ -58,6 +63,13 @@ class LoRAQKV(nn.Module):
             for letter in self.targets
         ]
         self.register_buffer("target_rows", torch.cat(rows), persistent=False)
+        projections = self.num_projections
+        self.register_buffer("corrections", torch.zeros(0, projections, device=qkv.weight.device))
+        """Per adapter and projection, a fixed magnitude added to the adapter's coefficient."""
+        self.register_buffer(
+            "absorbed", torch.zeros(0, projections, dtype=torch.bool, device=qkv.weight.device)
+        )
+        """Per adapter and projection, whether the slice was absorbed (it no longer acts)."""
         self.active: list[int] = []
         self.coefficients: Tensor | None = None
         self.normalised: Tensor | None = None
@@ -67,47 +79,86 @@ class LoRAQKV(nn.Module):
     def num_projections(self) -> int:
         return len(self.targets)
 
-    def add_adapter(self) -> None:
-        """Append one adapter: ``A`` Kaiming-uniform, ``B`` zero, so the output is unchanged."""
+    def adapter_rank(self, index: int) -> int:
+        return self.lora_A[index].shape[1]
+
+    def add_adapter(self, rank: int | None = None) -> None:
+        """Append one adapter of ``rank`` (default ``self.rank``): ``A`` Kaiming-uniform, ``B`` zero,
+        so the output is unchanged."""
+        rank = self.rank if rank is None else rank
         weight = self.weight
-        a = torch.empty(self.num_projections, self.rank, self.in_features, device=weight.device)
+        a = torch.empty(self.num_projections, rank, self.in_features, device=weight.device)
         for projection in a:
             nn.init.kaiming_uniform_(projection, a=math.sqrt(5))
-        b = torch.zeros(self.num_projections, self.slice_features, self.rank, device=weight.device)
+        b = torch.zeros(self.num_projections, self.slice_features, rank, device=weight.device)
         self.lora_A.append(nn.Parameter(a.to(weight.dtype)))
         self.lora_B.append(nn.Parameter(b.to(weight.dtype)))
+        self.corrections = torch.cat([self.corrections, self.corrections.new_zeros(1, a.shape[0])])
+        self.absorbed = torch.cat([self.absorbed, self.absorbed.new_zeros(1, a.shape[0])])
 
     def set_adapter_trainable(self, index: int, trainable: bool) -> None:
         self.lora_A[index].requires_grad_(trainable)
         self.lora_B[index].requires_grad_(trainable)
 
     def stacked(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        """``A`` (n, P, r, d_in) and ``B`` (n, P, d_out, r) of the given adapters."""
+        """``A`` (n, P, r, d_in) and ``B`` (n, P, d_out, r) of adapters of one rank r."""
         return (
             torch.stack([self.lora_A[i] for i in indices]),
             torch.stack([self.lora_B[i] for i in indices]),
         )
 
+    def concatenated(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """``A`` (P, R, d_in) and ``B`` (P, d_out, R), R the sum of the adapters' ranks, adapter by
+        adapter: ``B A`` is the sum of the adapters' products."""
+        return (
+            torch.cat([self.lora_A[i] for i in indices], dim=1),
+            torch.cat([self.lora_B[i] for i in indices], dim=2),
+        )
+
+    def direction_norms(self, indices: list[int]) -> Tensor:
+        """``||B^p A^p||_F`` (n, P) of the given adapters, one batched product per distinct rank."""
+        by_rank: dict[int, list[int]] = {}
+        for k, index in enumerate(indices):
+            by_rank.setdefault(self.adapter_rank(index), []).append(k)
+        groups = list(by_rank.values())
+        norms = torch.cat(
+            [direction_norms(*self.stacked([indices[k] for k in group])) for group in groups]
+        )
+        if len(groups) == 1:
+            return norms
+        order = torch.tensor([k for group in groups for k in group], device=norms.device)
+        return norms[torch.argsort(order)]
+
+    def gram(self, indices: list[int]) -> Tensor:
+        """``<B_i^p A_i^p, B_j^p A_j^p>_F`` (P, n, n) in float64, from r x r products only."""
+        a, b = (t.detach().double() for t in self.concatenated(indices))
+        ranks = torch.tensor([self.adapter_rank(i) for i in indices], device=a.device)
+        segments = F.one_hot(
+            torch.arange(len(indices), device=a.device).repeat_interleave(ranks), len(indices)
+        ).double()  # (R, n): which adapter each rank column belongs to
+        products = (b.transpose(-1, -2) @ b) * (a @ a.transpose(-1, -2))
+        return segments.T @ products @ segments
+
     def effective_weight(
         self, indices: list[int], coefficients: Tensor, normalised: Tensor
     ) -> Tensor:
-        """The frozen weight plus ``sum_i c_i D_i^p`` on every targeted slice p.
+        """The frozen weight plus ``sum_i s_i^p D_i^p`` on every targeted slice p.
 
+        ``s_i^p`` is the adapter's coefficient plus its correction on p (0 where absorbed);
         ``D_i^p`` is ``B A / ||B A||_F`` where ``normalised[i]``, else the raw ``B A``.
         """
         if not indices:
             return self.weight
-        n, r = len(indices), self.rank
-        a, b = self.stacked(indices)
-        scales = coefficients.to(b.dtype)[:, None].expand(n, self.num_projections)
+        a, b = self.concatenated(indices)
+        scales = coefficients.to(b.dtype)[:, None] + self.corrections[indices].to(b.dtype)
+        scales = scales.masked_fill(self.absorbed[indices], 0.0)
         if bool(normalised.any()):
-            norms = torch.where(normalised[:, None], direction_norms(a, b), torch.ones_like(scales))
-            scales = scales / norms
-        b = b * scales[:, :, None, None]
-        b_stack = b.permute(1, 2, 0, 3).reshape(self.num_projections, self.slice_features, n * r)
-        a_stack = a.permute(1, 0, 2, 3).reshape(self.num_projections, n * r, self.in_features)
-        delta = torch.bmm(b_stack, a_stack).reshape(-1, self.in_features).to(self.weight.dtype)
-        return self.weight.index_add(0, self.target_rows, delta)
+            norms = self.direction_norms(indices)
+            scales = scales / torch.where(normalised[:, None], norms, torch.ones_like(norms))
+        ranks = torch.tensor([self.adapter_rank(i) for i in indices], device=b.device)
+        columns = scales.repeat_interleave(ranks, dim=0, output_size=b.shape[-1])  # (R, P)
+        delta = torch.bmm(b * columns.T[:, None, :], a).reshape(-1, self.in_features)
+        return self.weight.index_add(0, self.target_rows, delta.to(self.weight.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged_weight is not None and not torch.is_grad_enabled():

@@ -39,11 +39,11 @@ RANDOM_CONTROL = "sdlora_random"
 """Prunes, per experience, as many adapters as the ``sdlora`` run of the same seed, at random."""
 SDLORA_VARIANTS: dict[str, dict[str, bool]] = {
     "sdlora": {},
-    "sdlora_joint": {
-        "two_phase": False
-    },  # the gate, trained in one joint phase (the seed's ablation)
+    "sdlora_joint": {"two_phase": False},  # the gate, trained in one joint phase (seed's ablation)
     "sdlora_plain": {"gate": False},  # plain SD-LoRA
     RANDOM_CONTROL: {},  # trains like sdlora; its pruning is chosen at random
+    "sdlora_rr": {"gate": False, "rank_reduction": True},  # SD-LoRA-RR: later adapters smaller
+    "sdlora_kd": {"gate": False, "knowledge_distillation": True},  # SD-LoRA-KD: absorption
 }
 """SD-LoRA methods: the ``sdlora`` section with these settings overridden."""
 METHODS = (*SDLORA_VARIANTS, *BASELINES)
@@ -123,6 +123,18 @@ def _distinct_int_list(v: list) -> str | None:
         repeated = sorted({i for i in v if v.count(i) > 1})
         return f"must not repeat a value (repeated: {repeated})"
     return problem
+
+
+def _rank_schedule(v: dict) -> str | None:
+    """``{"experience": rank}``: keys are experience indices >= 1 in increasing order."""
+    keys = [k for k in v if k.isdigit() and int(k) >= 1]
+    if len(keys) != len(v):
+        return 'keys must be experience indices >= 1 written as strings, e.g. {"4": 8, "8": 6}'
+    if [int(k) for k in keys] != sorted({int(k) for k in keys}):
+        return "keys must be increasing experience indices"
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in v.values()):
+        return "values must be ranks (ints >= 1)"
+    return None
 
 
 def _run_name(v: str) -> str | None:
@@ -248,6 +260,23 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
     },
     "sdlora": {
         "rank": Setting(10, (int,), "adapter rank r", check=_at_least(1)),
+        "rank_reduction": Setting(
+            False, (bool,), "SD-LoRA-RR: later adapters take the ranks of rank_schedule"
+        ),
+        "rank_schedule": Setting(
+            {"4": 8, "8": 6},
+            (dict,),
+            "with rank_reduction, adapters from experience k (0-based) on have rank v (the paper's values for rank 10)",
+            check=_rank_schedule,
+        ),
+        "knowledge_distillation": Setting(
+            False,
+            (bool,),
+            "SD-LoRA-KD: absorb a new adapter's directions that the old ones span (gate off only)",
+        ),
+        "kd_threshold": Setting(
+            9e-4, _NUMBER, "SD-LoRA-KD: absorb below this relative residual", check=_positive
+        ),
         "targets": Setting("qv", (str,), "qkv slices with adapters, letters from 'qkv'"),
         "blocks": Setting(
             None,
@@ -379,7 +408,7 @@ def validate(
     return problems
 
 
-FREE_FORM_SETTINGS = ("kwargs", "pretrained_cfg")
+FREE_FORM_SETTINGS = ("kwargs", "pretrained_cfg", "rank_schedule")
 """Dict settings replaced whole, not merged (or compared) key by key."""
 
 
@@ -518,6 +547,16 @@ def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[st
             f"({benchmark['n_experiences']}), got {benchmark['num_classes']}"
         )
     methods = [config["experiment"]["strategy"], *config["experiment"]["compare"]]
+    gated_kd = []
+    for method in dict.fromkeys(methods):
+        settings = {**sdlora, **SDLORA_VARIANTS.get(method, {"knowledge_distillation": False})}
+        if settings["knowledge_distillation"] and settings["gate"]:
+            gated_kd.append(method)
+    if gated_kd:
+        problems.append(
+            "sdlora.knowledge_distillation: SD-LoRA-KD is defined for plain SD-LoRA (gate off), "
+            f"but {gated_kd} run with the gate on; use sdlora_kd, or set sdlora.gate false"
+        )
     if RANDOM_CONTROL in methods and "sdlora" not in methods:
         problems.append(
             f"experiment.compare: {RANDOM_CONTROL} prunes as many adapters as the sdlora run of "

@@ -6,8 +6,10 @@ Layout of a run folder::
     metrics.json              every metric of docs/METHOD.md per method and seed, and mean +- std
     accuracy_matrix.csv       R[t][j] per method and seed
     pruning.csv               the pruning decisions of the gated SD-LoRA runs
+    absorption.csv            the direction fits of the SD-LoRA-KD runs
     summary.md                one table row per method
-    plots/*.png               seen-class accuracy, accuracy matrices, alpha/beta per adapter
+    plots/*.png               seen-class accuracy, accuracy matrices, alpha/beta per adapter,
+                              last accuracy against trainable parameters (several methods)
     <method>/seed<k>/         Avalanche's CSV and TensorBoard logs, checkpoint.pkl, progress.json
 """
 
@@ -59,9 +61,15 @@ from avalanche_sdlora.plots import (
     plot_accuracy_matrix,
     plot_adapters,
     plot_gate_trace,
+    plot_params_vs_accuracy,
     plot_seen_accuracy,
 )
-from avalanche_sdlora.plugins import AutocastPlugin, GateTracePlugin, GumbelPruningPlugin
+from avalanche_sdlora.plugins import (
+    AutocastPlugin,
+    GateTracePlugin,
+    GumbelPruningPlugin,
+    KnowledgeDistillationPlugin,
+)
 from avalanche_sdlora.pruning import RandomPruner, SelectionPruner
 from avalanche_sdlora.report import RunReport, peak_memory_mb, summarize_run
 from avalanche_sdlora.strategy import SDLoRA
@@ -231,6 +239,9 @@ def _make_strategy(
     model = SDLoRAViT(
         backbone,
         rank=s["rank"],
+        rank_schedule={int(k): v for k, v in s["rank_schedule"].items()}
+        if s["rank_reduction"]
+        else None,
         targets=s["targets"],
         blocks=s["blocks"],
         gate=s["gate"],
@@ -247,6 +258,8 @@ def _make_strategy(
         else:
             chosen = SelectionPruner(threshold=s["prune_threshold"], **pruner)
         plugins.insert(0, GumbelPruningPlugin(pruner=chosen))
+    if s["knowledge_distillation"]:
+        plugins.insert(0, KnowledgeDistillationPlugin(s["kd_threshold"]))
     settings = {k: s[k] for k in _STRATEGY_KEYS}
     return SDLoRA(model=model, plugins=plugins, **settings, **template)
 
@@ -319,11 +332,13 @@ def _run_one(
         _print_progress(method, seed, index, experiences, progress)
     pruning = _plugin(strategy, GumbelPruningPlugin)
     trace = _plugin(strategy, GateTracePlugin)
+    absorption = _plugin(strategy, KnowledgeDistillationPlugin)
     return summarize_run(
         progress["eval_results"],
         progress["records"],
         pruning.history if pruning else (),
         trace.trace if trace else (),
+        absorption_fits=absorption.history if absorption else (),
     )
 
 
@@ -503,8 +518,30 @@ def _write_outputs(run_dir: Path, metrics: dict, results: dict[str, dict[int, Ru
             for row in report.pruning
         ),
     )
+    fit_fields = ["experience", "adapter", "block", "projection", "residual", "absorbed"]
+    write_csv(
+        run_dir / "absorption.csv",
+        ["method", "seed", *fit_fields, "coefficients"],
+        (
+            [method, seed, *(row[f] for f in fit_fields), json.dumps(row["coefficients"])]
+            for method, per_seed in results.items()
+            for seed, report in per_seed.items()
+            for row in report.absorption
+        ),
+    )
     write_text(run_dir / "summary.md", _summary_table(metrics))
     plots = run_dir / "plots"
+    if len(results) > 1:
+        plot_params_vs_accuracy(
+            {
+                method: [
+                    (r.experiences[-1]["trainable_parameters"], r.last_accuracy)
+                    for r in per_seed.values()
+                ]
+                for method, per_seed in results.items()
+            },
+            plots / "params_vs_accuracy.png",
+        )
     plot_seen_accuracy(
         {m: [r.seen_class_accuracy for r in s.values()] for m, s in results.items()},
         plots / "seen_accuracy.png",

@@ -7,13 +7,14 @@ experience and a linear head over every class seen so far.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from avalanche.benchmarks import CLExperience
 from avalanche.models import BaseModel, DynamicModule, IncrementalClassifier
 from torch import Tensor, nn
 
+from avalanche_sdlora.absorption import DirectionFit, fit_direction
 from avalanche_sdlora.adapters import QKV_LETTERS, LoRAQKV, direction_norms
 from avalanche_sdlora.gate import GumbelGate
 
@@ -66,6 +67,29 @@ def _check_blocks(blocks: Iterable[int] | None, num_blocks: int) -> list[int]:
     return sorted(chosen)
 
 
+def _check_rank(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_rank_schedule(schedule: Mapping[int, int] | None) -> dict[int, int]:
+    if schedule is None:
+        return {}
+    if not isinstance(schedule, Mapping):
+        raise TypeError(f"rank_schedule must map experience indices to ranks, got {schedule!r}")
+    for experience, rank in schedule.items():
+        if isinstance(experience, bool) or not isinstance(experience, int) or experience < 1:
+            raise ValueError(
+                f"rank_schedule keys must be experience indices (ints >= 1), got {experience!r}"
+            )
+        _check_rank(f"rank_schedule[{experience}]", rank)
+    if list(schedule) != sorted(schedule):
+        raise ValueError(f"rank_schedule keys must be increasing, got {list(schedule)}")
+    return dict(schedule)
+
+
 class SDLoRAViT(DynamicModule, BaseModel):
     """A frozen timm ViT with SD-LoRA adapters on its fused ``qkv`` and a growing linear head.
 
@@ -73,7 +97,9 @@ class SDLoRAViT(DynamicModule, BaseModel):
         backbone: a timm ``VisionTransformer`` (or any model with the same ``blocks[i].attn.qkv``
             layout). It is frozen and modified in place: its classifier is removed and every chosen
             ``attn.qkv`` becomes a :class:`~avalanche_sdlora.adapters.LoRAQKV`.
-        rank: rank r of every adapter.
+        rank: rank r of the adapters (before the first entry of ``rank_schedule``).
+        rank_schedule: SD-LoRA-RR's smaller ranks for later adapters: ``{4: 8, 8: 6}`` gives the
+            adapters of experiences 4-7 (0-based) rank 8 and those from experience 8 on rank 6.
         targets: the slices of ``qkv`` that get adapters, letters from ``"qkv"``.
         blocks: indices of the blocks that get adapters; ``None`` for all.
         gate: ``True`` for the Gumbel-Sparsemax gate; ``False`` is plain SD-LoRA (every beta 1).
@@ -86,6 +112,7 @@ class SDLoRAViT(DynamicModule, BaseModel):
         backbone: nn.Module,
         *,
         rank: int = 10,
+        rank_schedule: Mapping[int, int] | None = None,
         targets: str = "qv",
         blocks: Iterable[int] | None = None,
         gate: bool = True,
@@ -95,10 +122,8 @@ class SDLoRAViT(DynamicModule, BaseModel):
         initial_classes: int = 2,
     ):
         _check_backbone(backbone)
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int >= 1, got {rank!r}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        _check_rank("rank", rank)
+        rank_schedule = _check_rank_schedule(rank_schedule)
         targets = _check_targets(targets)
         adapted_blocks = _check_blocks(blocks, len(list(backbone.blocks.children())))
         super().__init__()
@@ -111,6 +136,7 @@ class SDLoRAViT(DynamicModule, BaseModel):
             attn.qkv = LoRAQKV(attn.qkv, rank, targets)
         self.backbone = backbone
         self.rank = rank
+        self.rank_schedule = rank_schedule
         self.targets = "".join(letter for letter in QKV_LETTERS if letter in targets)
         self.adapted_blocks = adapted_blocks
         self.gate_enabled = bool(gate)
@@ -152,26 +178,36 @@ class SDLoRAViT(DynamicModule, BaseModel):
         """Active adapters not yet consolidated: the one being trained, if any."""
         return [i for i in self.gate.active_indices if not self.consolidated[i]]
 
+    def rank_for(self, experience: int) -> int:
+        """The rank of the adapter added for ``experience`` (0-based), by ``rank_schedule``."""
+        reached = [rank for start, rank in self.rank_schedule.items() if start <= experience]
+        return reached[-1] if reached else self.rank
+
     def adaptation(self, experience: CLExperience) -> None:
         """Avalanche's hook: one new adapter per training experience; the head grows to its classes.
 
         A plugin that adapts the model again within the same experience (GDumb does) adds nothing;
-        experiences are told apart by ``current_experience`` (without one, every call adds).
+        experiences are told apart by ``current_experience`` (without one, every call adds). The
+        adapter's rank follows ``rank_schedule`` by that index (without one, by the adapter count).
         """
         key = getattr(experience, "current_experience", None)
         if self.training and (key is None or key != self._adapted_experience):
-            self.add_adapter()
+            self.add_adapter(None if key is None else self.rank_for(key))
             self._adapted_experience = key
         self.head.adaptation(experience)
 
-    def add_adapter(self) -> int:
-        """Consolidate any adapter still in training, then add a new one (B = 0: output unchanged)."""
-        self.consolidate()
-        return self._grow_adapter()
+    def add_adapter(self, rank: int | None = None) -> int:
+        """Consolidate any adapter still in training, then add a new one (B = 0: output unchanged).
 
-    def _grow_adapter(self) -> int:
+        ``rank`` defaults to ``rank_for(num_adapters)``.
+        """
+        self.consolidate()
+        return self._grow_adapter(self.rank_for(self.num_adapters) if rank is None else rank)
+
+    def _grow_adapter(self, rank: int) -> int:
+        _check_rank("rank", rank)
         for module in self.qkv_modules:
-            module.add_adapter()
+            module.add_adapter(rank)
         self.consolidated = torch.cat([self.consolidated, self.consolidated.new_zeros(1)])
         self._drop_merge()
         return self.gate.add_adapter()
@@ -219,10 +255,20 @@ class SDLoRAViT(DynamicModule, BaseModel):
 
     @torch.no_grad()
     def adapter_summary(self) -> list[dict[str, float | int | bool]]:
-        """Every adapter's alpha, evaluation beta and pruned flag (beta is 1 with the gate off)."""
+        """Every adapter's rank, alpha, evaluation beta (1 with the gate off), pruned flag and
+        number of absorbed projections."""
         gate, beta = self.gate, self.beta(noise=False)
+        modules = self.qkv_modules
+        absorbed = sum(module.absorbed.sum(dim=1) for module in modules).tolist()
         return [
-            {"adapter": i, "alpha": gate.alphas[i].item(), "beta": beta[i].item(), "pruned": pruned}
+            {
+                "adapter": i,
+                "rank": modules[0].adapter_rank(i),
+                "alpha": gate.alphas[i].item(),
+                "beta": beta[i].item(),
+                "pruned": pruned,
+                "absorbed_projections": absorbed[i],
+            }
             for i, pruned in enumerate(gate.pruned.tolist())
         ]
 
@@ -246,20 +292,95 @@ class SDLoRAViT(DynamicModule, BaseModel):
     def trainable_parameter_count(self) -> int:
         """Parameters the method adds to the frozen backbone and still uses.
 
-        ``A`` and ``B`` of every active adapter, their alphas (and gate logits when the gate is on)
-        and the head rows of the classes trained so far; pruned adapters, and head rows that an
-        evaluation on future classes grew, are not counted.
+        ``A`` and ``B`` of every active adapter's slices, each at its own rank (absorbed slices are
+        gone), the non-zero magnitude corrections of absorption, the adapters' alphas (and gate
+        logits when the gate is on) and the head rows of the classes trained so far; pruned
+        adapters, and head rows that an evaluation on future classes grew, are not counted.
         """
         active = self.gate.active_indices
-        per_adapter = sum(
-            module.num_projections * module.rank * (module.in_features + module.slice_features)
-            for module in self.qkv_modules
-        )
+        adapters = 0
+        for module in self.qkv_modules:
+            kept = (~module.absorbed[active]).sum(dim=1).tolist()
+            ranks = [module.adapter_rank(i) for i in active]
+            width = module.in_features + module.slice_features
+            adapters += sum(k * r * width for k, r in zip(kept, ranks, strict=True))
+            adapters += int((module.corrections[active] != 0).sum())
         scalars = 2 if self.gate_enabled else 1
         classifier = self.head.classifier
         seen_classes = int(self.head.active_units.sum())
         head = seen_classes * (classifier.in_features + int(classifier.bias is not None))
-        return len(active) * (per_adapter + scalars) + head
+        return adapters + len(active) * scalars + head
+
+    # ---------------------------------------------------------------- absorption
+
+    @torch.no_grad()
+    def direction_fits(self, index: int, experience: int | None = None) -> list[DirectionFit]:
+        """SD-LoRA-KD's fit of adapter ``index``'s direction on the other active adapters', for
+        every adapted projection where it still acts (``docs/METHOD.md``); nothing changes.
+
+        ``absorbed`` is left ``False``; :meth:`absorb` decides. ``experience`` labels the rows
+        (default: ``index``).
+        """
+        self._check_absorbable(index)
+        fits = []
+        for block, module in zip(self.adapted_blocks, self.qkv_modules, strict=True):
+            for p, letter in enumerate(module.targets):
+                old = [
+                    i for i in self.gate.active_indices if i != index and not module.absorbed[i, p]
+                ]
+                if not old or module.absorbed[index, p]:
+                    continue
+                coefficients, residual = fit_direction(module.gram([*old, index])[p])
+                fits.append(
+                    DirectionFit(
+                        experience=index if experience is None else experience,
+                        adapter=index,
+                        block=block,
+                        projection=letter,
+                        residual=residual,
+                        coefficients=dict(zip(old, coefficients.tolist(), strict=True)),
+                        absorbed=False,
+                    )
+                )
+        return fits
+
+    @torch.no_grad()
+    def absorb(self, index: int, threshold: float) -> list[tuple[int, str]]:
+        """Absorb adapter ``index`` on every projection whose fit residual is below ``threshold``.
+
+        There the adapter's contribution ``a_t D_t^p`` (``a_t``: its alpha plus its correction on p)
+        becomes ``sum_i a_t c_i D_i^p``: the old adapters' corrections on p grow by ``a_t c_i`` and
+        the slice leaves the forward pass. An adapter absorbed everywhere is pruned. Returns the
+        absorbed ``(block, projection)`` pairs.
+        """
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        absorbed = []
+        modules = dict(zip(self.adapted_blocks, self.qkv_modules, strict=True))
+        for fit in self.direction_fits(index):
+            if fit.residual >= threshold:
+                continue
+            module = modules[fit.block]
+            p = module.targets.index(fit.projection)
+            magnitude = self.gate.alphas[index].item() + module.corrections[index, p].item()
+            for old, coefficient in fit.coefficients.items():
+                module.corrections[old, p] += magnitude * coefficient
+            module.absorbed[index, p] = True
+            absorbed.append((fit.block, fit.projection))
+        if all(bool(module.absorbed[index].all()) for module in self.qkv_modules):
+            self.prune([index])
+        self._drop_merge()
+        return absorbed
+
+    def _check_absorbable(self, index: int) -> None:
+        (index,) = self.gate.check_indices([index], allow_pruned=False)
+        if self.gate_enabled:
+            raise ValueError(
+                "absorption (SD-LoRA-KD) is defined for plain SD-LoRA: build the model with "
+                "gate=False (with the gate on, beta would scale the absorbed contribution)"
+            )
+        if not self.consolidated[index]:
+            raise ValueError(f"adapter {index} is still training; consolidate it before absorbing")
 
     # ------------------------------------------------------------------- forward
 
@@ -308,7 +429,7 @@ class SDLoRAViT(DynamicModule, BaseModel):
         """Every tensor the merged weights depend on."""
         tensors = [*self.gate.parameters(), self.gate.pruned, self.consolidated]
         for module in self.qkv_modules:
-            tensors.extend((*module.lora_A, *module.lora_B))
+            tensors.extend((*module.lora_A, *module.lora_B, module.corrections, module.absorbed))
         return [t.detach() for t in tensors]
 
     def _merge_is_current(self) -> bool:
@@ -364,11 +485,14 @@ class SDLoRAViT(DynamicModule, BaseModel):
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Grow adapters and head to the saved sizes, so a fresh model loads any checkpoint."""
+        """Grow adapters (each at its saved rank) and head to the saved sizes, so a fresh model
+        loads any checkpoint."""
         logit_prefix = f"{prefix}gate.logits."
         saved = sum(1 for key in state_dict if key.startswith(logit_prefix))
+        first_qkv = next(n for n, m in self.named_modules() if isinstance(m, LoRAQKV))
         while self.num_adapters < saved:
-            self._grow_adapter()
+            a = state_dict[f"{prefix}{first_qkv}.lora_A.{self.num_adapters}"]
+            self._grow_adapter(a.shape[1])
         head_weight = state_dict.get(f"{prefix}head.classifier.weight")
         if head_weight is not None and head_weight.shape[0] != self.head.classifier.out_features:
             old = self.head.classifier

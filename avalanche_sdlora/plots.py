@@ -1,5 +1,5 @@
-"""Plots of a run, as PNG: accuracy on the seen classes per method, accuracy matrices, and each
-adapter's alpha and beta over the experiences."""
+"""Plots of a run, as PNG: accuracy on the seen classes per method, accuracy matrices, each
+adapter's alpha and beta over the experiences, and last accuracy against trainable parameters."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ import numpy as np
 
 from avalanche_sdlora.outputs import atomic_write
 
-__all__ = ["plot_accuracy_matrix", "plot_adapters", "plot_gate_trace", "plot_seen_accuracy"]
+__all__ = [
+    "plot_accuracy_matrix",
+    "plot_adapters",
+    "plot_gate_trace",
+    "plot_params_vs_accuracy",
+    "plot_seen_accuracy",
+]
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
@@ -103,4 +109,21 @@ def plot_gate_trace(trace: Sequence[Mapping], title: str, path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, ncol=2)
     figure.suptitle(title)
+    _save(figure, path)
+
+
+def plot_params_vs_accuracy(
+    points: Mapping[str, Sequence[tuple[float, float]]], path: Path
+) -> None:
+    """Last accuracy (%) against the trainable parameters at the end, one point per method and
+    seed: which way of limiting growth buys most accuracy per parameter (log scale)."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, per_seed in points.items():
+        parameters, accuracies = zip(*per_seed, strict=True)
+        axis.scatter(parameters, accuracies, label=method, alpha=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable parameters at the end (log scale)")
+    axis.set_ylabel("last accuracy (%)")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
     _save(figure, path)

@@ -1,14 +1,33 @@
-"""Avalanche plugins: the growth/pruning decision after each experience, and mixed precision."""
+"""Avalanche plugins: the decisions after each experience (pruning, absorption), mixed precision and
+the gate's trace."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import SupervisedPlugin
 
+from avalanche_sdlora.absorption import KD_THRESHOLD, DirectionFit
 from avalanche_sdlora.pruning import AdapterDecision, SelectionPruner
 
-__all__ = ["AutocastPlugin", "GateTracePlugin", "GumbelPruningPlugin"]
+__all__ = [
+    "AutocastPlugin",
+    "GateTracePlugin",
+    "GumbelPruningPlugin",
+    "KnowledgeDistillationPlugin",
+]
+
+
+def _publish(strategy, origin: SupervisedPlugin, prefix: str, values: Mapping[str, float]) -> None:
+    """Hand values to the strategy's evaluator, so every logger records them."""
+    x_plot = strategy.clock.train_iterations
+    for name, value in values.items():
+        strategy.evaluator.publish_metric_value(
+            MetricValue(origin, f"{prefix}/{name}", float(value), x_plot)
+        )
 
 
 class GumbelPruningPlugin(SupervisedPlugin):
@@ -50,18 +69,45 @@ class GumbelPruningPlugin(SupervisedPlugin):
             decisions = self.pruner.decide(model, self._experience)
             self.pruner.apply(model, decisions)
             self.history.extend(decisions)
-            self._publish(strategy, decisions)
+            for d in decisions:
+                fields = ("alpha", "logit", "eval_beta", "mean_beta", "frequency", "pruned")
+                prefix = f"Pruning/Exp{d.experience:03d}/Adapter{d.adapter:03d}"
+                _publish(strategy, self, prefix, {f: getattr(d, f) for f in fields})
         model.consolidate()
 
-    def _publish(self, strategy, decisions: list[AdapterDecision]) -> None:
-        x_plot = strategy.clock.train_iterations
-        for decision in decisions:
-            prefix = f"Pruning/Exp{decision.experience:03d}/Adapter{decision.adapter:03d}"
-            for field in ("alpha", "logit", "eval_beta", "mean_beta", "frequency", "pruned"):
-                value = float(getattr(decision, field))
-                strategy.evaluator.publish_metric_value(
-                    MetricValue(self, f"{prefix}/{field}", value, x_plot)
-                )
+
+class KnowledgeDistillationPlugin(SupervisedPlugin):
+    """SD-LoRA-KD: after each training experience, the new adapter is absorbed by the old ones on
+    every projection where its direction is their linear combination up to ``threshold``.
+
+    It consolidates the new adapter, fits it (:meth:`SDLoRAViT.direction_fits`) and absorbs it
+    (:meth:`SDLoRAViT.absorb`). Every fit's residual and outcome is published through the
+    strategy's evaluator and kept in ``history``. Defined for plain SD-LoRA (the model's gate off);
+    place it before plugins that snapshot the model in ``after_training_exp`` (LwF).
+    """
+
+    def __init__(self, threshold: float = KD_THRESHOLD):
+        super().__init__()
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold}")
+        self.threshold = threshold
+        self.history: list[DirectionFit] = []
+        self._experience = 0
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self._experience = strategy.clock.train_exp_counter
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        model = strategy.model
+        model.consolidate()
+        index = model.num_adapters - 1  # the adapter this experience trained
+        fits = model.direction_fits(index, self._experience)
+        absorbed = set(model.absorb(index, self.threshold))
+        for fit in fits:
+            fit = dataclasses.replace(fit, absorbed=(fit.block, fit.projection) in absorbed)
+            self.history.append(fit)
+            prefix = f"Absorption/Exp{fit.experience:03d}/Block{fit.block:02d}/{fit.projection}"
+            _publish(strategy, self, prefix, {"residual": fit.residual, "absorbed": fit.absorbed})
 
 
 class AutocastPlugin(SupervisedPlugin):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from avalanche_sdlora.absorption import DirectionFit
 from avalanche_sdlora.pruning import AdapterDecision
 
 __all__ = ["RunReport", "accuracy_matrix", "peak_memory_mb", "summarize_run"]
@@ -69,6 +70,7 @@ class RunReport:
     experiences: list[dict] = field(default_factory=list)
     pruning: list[dict] = field(default_factory=list)
     gate_trace: list[dict] = field(default_factory=list)
+    absorption: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,10 +83,12 @@ def summarize_run(
     gate_trace: Sequence[Mapping] = (),
     test_sizes: Sequence[int] | None = None,
     stream: str = "test_stream",
+    absorption_fits: Sequence[DirectionFit] = (),
 ) -> RunReport:
     """Accuracy matrix, last and average incremental accuracy, forgetting and BWT, plus the per-
     experience records (active adapters, trainable parameters, wall time per phase, peak memory),
-    the pruning decisions and the per-epoch alpha/beta trace (``GateTracePlugin.trace``).
+    the pruning decisions, the per-epoch alpha/beta trace (``GateTracePlugin.trace``) and the
+    SD-LoRA-KD direction fits.
 
     ``test_sizes`` (samples per experience's test set) weights the accuracy on the classes seen so
     far; without it every experience weighs the same (the benchmarks here have equal sizes).
@@ -115,4 +119,5 @@ def summarize_run(
         experiences=[dict(record) for record in experience_log],
         pruning=[decision.as_dict() for decision in pruning_history],
         gate_trace=[dict(row) for row in gate_trace],
+        absorption=[fit.as_dict() for fit in absorption_fits],
     )

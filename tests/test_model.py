@@ -63,10 +63,12 @@ def test_adding_an_adapter_keeps_the_output(make_backbone, size):
 
 
 def loop_forward(self: LoRAQKV, x: torch.Tensor) -> torch.Tensor:
-    """Reference: one adapter and one projection at a time."""
+    """Reference: one adapter and one projection at a time (absorbed slices skipped)."""
     weight = self.weight.clone()
     for k, index in enumerate(self.active):
         for p, letter in enumerate(self.targets):
+            if self.absorbed[index, p]:
+                continue
             update = self.lora_B[index][p] @ self.lora_A[index][p]
             if self.normalised[k]:
                 update = update / torch.linalg.matrix_norm(update)
@@ -74,7 +76,8 @@ def loop_forward(self: LoRAQKV, x: torch.Tensor) -> torch.Tensor:
                 "qkv".index(letter) * self.slice_features,
                 ("qkv".index(letter) + 1) * self.slice_features,
             )
-            weight[rows] = weight[rows] + self.coefficients[k] * update
+            scale = self.coefficients[k] + self.corrections[index, p]
+            weight[rows] = weight[rows] + scale * update
     return F.linear(x, weight, self.bias)
 
 
