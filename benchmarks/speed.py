@@ -5,7 +5,8 @@ Prints medians over repeated, interleaved measurements made in one run, as ratio
     python benchmarks/speed.py [--batch 64] [--repeats 15]
 
 Targets (issue 2): 20 adapters cost at most 1.15x one adapter per training step; merged evaluation at
-most 1.05x the bare timm ViT.
+most 1.05x the bare timm ViT. A mixed-rank row (SD-LoRA-RR's ranks 10, 8 and 6 by LibContinual's
+schedule) shows that adapters of several ranks share the one product.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from avalanche_sdlora import SDLoRAViT
 
 ADAPTER_COUNTS = (1, 5, 10, 20)
+RR_SCHEDULE = {4: 8, 8: 6}
 
 
 def small_vit() -> VisionTransformer:
@@ -30,9 +32,16 @@ def small_vit() -> VisionTransformer:
     )
 
 
-def model_with_adapters(backbone: VisionTransformer, count: int, classes: int) -> SDLoRAViT:
+def model_with_adapters(
+    backbone: VisionTransformer,
+    count: int,
+    classes: int,
+    rank_schedule: dict[int, int] | None = None,
+) -> SDLoRAViT:
     """A model as it trains its ``count``-th experience: ``count - 1`` consolidated adapters."""
-    model = SDLoRAViT(copy.deepcopy(backbone), rank=10, initial_classes=classes)
+    model = SDLoRAViT(
+        copy.deepcopy(backbone), rank=10, rank_schedule=rank_schedule, initial_classes=classes
+    )
     for _ in range(count):
         model.add_adapter()
         with torch.no_grad():
@@ -82,11 +91,13 @@ def main() -> None:
         f"{count} adapters": training_step(model_with_adapters(backbone, count, 100), x, y)
         for count in ADAPTER_COUNTS
     }
+    mixed = model_with_adapters(backbone, ADAPTER_COUNTS[-1], 100, RR_SCHEDULE)
+    steps[f"{ADAPTER_COUNTS[-1]}, ranks 10/8/6"] = training_step(mixed, x, y)
     train = median_seconds(steps, args.repeats)
     base = train[f"{ADAPTER_COUNTS[0]} adapters"]
     print(f"training step, ViT 6x192 on 32 px, batch {args.batch}, rank 10 on q and v:")
     for name, seconds in train.items():
-        print(f"  {name:>12}: {seconds * 1e3:7.1f} ms  ({seconds / base:.3f}x one adapter)")
+        print(f"  {name:>18}: {seconds * 1e3:7.1f} ms  ({seconds / base:.3f}x one adapter)")
 
     merged = model_with_adapters(backbone, 20, 100).eval()
     bare = copy.deepcopy(backbone).eval()

@@ -1,0 +1,75 @@
+"""The scripts behind the study's SD-LoRA-RR/KD rows: residual statistics and accuracy per parameter."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+absorption_stats = _load("absorption_stats")
+params_vs_accuracy = _load("params_vs_accuracy")
+
+
+def _fit(experience, residual, absorbed=False):
+    return {"experience": experience, "residual": residual, "absorbed": absorbed}
+
+
+def _report(params, accuracy, fits=()):
+    return {
+        "experiences": [{"trainable_parameters": params}],
+        "last_accuracy": accuracy,
+        "absorption": list(fits),
+    }
+
+
+METRICS = {
+    "methods": {
+        "sdlora_kd": {
+            "seeds": {
+                "0": _report(100, 20.0, [_fit(1, 0.5), _fit(1, 0.0005, True), _fit(2, 0.9)]),
+                "1": _report(120, 22.0, [_fit(1, 0.2), _fit(2, 0.05)]),
+            }
+        },
+        "sdlora_rr": {"seeds": {"0": _report(80, 21.0)}},
+    }
+}
+
+
+def test_residual_statistics_per_experience_and_threshold():
+    fits = absorption_stats.fits_by_method(METRICS)
+    assert list(fits) == ["sdlora_kd"]  # runs without fits are left out
+    every = [fit for per_seed in fits.values() for seed in per_seed.values() for fit in seed]
+    assert absorption_stats.residual_table(every) == [
+        (1, 3, 0.0005, 0.2, 0.5),
+        (2, 2, 0.05, pytest.approx(0.475), 0.9),
+    ]
+    assert absorption_stats.below(every, (9e-4, 0.1, 1.0)) == {9e-4: 1, 0.1: 2, 1.0: 5}
+    text = absorption_stats.report(METRICS)
+    assert "| 0 | 3 | 1 |" in text and "| 1 | 2 | 0 |" in text
+
+
+def test_points_gather_several_runs_and_refuse_a_method_twice():
+    other = {"methods": {"sdlora_plain": {"seeds": {"0": _report(500, 23.0)}}}}
+    gathered = params_vs_accuracy.points([METRICS, other])
+    assert gathered == {
+        "sdlora_kd": [(100, 20.0), (120, 22.0)],
+        "sdlora_rr": [(80, 21.0)],
+        "sdlora_plain": [(500, 23.0)],
+    }
+    rows = params_vs_accuracy.table(gathered).splitlines()[2:]
+    assert rows == [
+        "| sdlora_rr | 1 | 80 | 21.00 |",
+        "| sdlora_kd | 2 | 110 | 21.00 ± 1.00 |",
+        "| sdlora_plain | 1 | 500 | 23.00 |",
+    ]
+    with pytest.raises(ValueError, match="'sdlora_kd' appears in more than one"):
+        params_vs_accuracy.points([METRICS, METRICS])
