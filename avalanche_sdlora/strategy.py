@@ -16,11 +16,12 @@ from contextlib import contextmanager
 
 import torch
 from avalanche.core import BasePlugin
-from avalanche.training.plugins import EarlyStoppingPlugin, EvaluationPlugin
+from avalanche.training.plugins import EarlyStoppingPlugin, EvaluationPlugin, RWalkPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
+from avalanche_sdlora.compatibility import check_plugins
 from avalanche_sdlora.gate import (
     annealed_temperature,
     entropy_sparsity,
@@ -173,6 +174,7 @@ class SDLoRA(SupervisedTemplate):
         _choice("loss_on", loss_on, LOSS_ON)
 
         plugins = list(plugins or [])
+        check_plugins(plugins)
         if pruning and not any(isinstance(p, GumbelPruningPlugin) for p in plugins):
             plugins.insert(0, GumbelPruningPlugin())
         learning_rates = {
@@ -308,6 +310,9 @@ class SDLoRA(SupervisedTemplate):
         self._phase_seconds = {}
         plan = self.phase_plan()
         self.anneal_steps = self._selection_steps(plan, len(self.dataloader))
+        for plugin in self.plugins:
+            if isinstance(plugin, RWalkPlugin):  # its snapshot predates this experience's adapter
+                plugin.before_training(self)
         for phase, epochs in plan:
             with self._running_phase(phase, epochs):
                 super()._train_exp(experience, eval_streams, **kwargs)
