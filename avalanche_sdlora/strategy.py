@@ -101,6 +101,9 @@ class SDLoRA(SupervisedTemplate):
     ``strategy.plugins.append(LRSchedulerPlugin(StepLR(strategy.optimizer, ...)))``; its epochs count
     across both phases and restart each experience. An ``EarlyStoppingPlugin`` acts per phase: stopping
     ends the running phase (phase 2 still trains the new adapter) and its patience restarts with each.
+
+    Plugins that cannot train with SD-LoRA (README, *Avalanche plugins*) raise
+    :class:`~avalanche_sdlora.compatibility.IncompatiblePluginError` here, naming the reason.
     """
 
     def __init__(
