@@ -28,9 +28,11 @@ __all__ = [
     "ConfigError",
     "Setting",
     "apply_override",
+    "concerns",
     "defaults",
     "describe_schema",
     "load_config",
+    "read_config",
     "validate",
 ]
 
@@ -475,9 +477,17 @@ def apply_override(config: dict[str, Any], assignment: str) -> None:
     section[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a JSON config, apply ``--set`` overrides, validate everything and fill in the defaults."""
-    problems = []
+def read_config(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], list[str]]:
+    """A JSON config with ``--set`` overrides applied and the defaults filled in, and every problem
+    found in it (one line each, starting with the setting's dotted path).
+
+    Raises ``ConfigError`` only when there is nothing to check (the file is missing or not a JSON
+    object). With problems, the values are kept as given, so a check that reads a setting named in
+    a problem must be skipped (:func:`concerns`). Settings are checked against each other only once
+    each is valid on its own.
+    """
     user: dict[str, Any] = {}
     if path is not None:
         try:
@@ -490,21 +500,39 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError([f"config file {path} is not valid JSON: {error}"]) from None
         if not isinstance(user, dict):
             raise ConfigError([f"config file {path} must hold a JSON object"])
+    problems = []
     for assignment in overrides:
         try:
             apply_override(user, assignment)
         except ConfigError as error:
             problems.extend(error.problems)
     problems.extend(validate(user))
-    if problems:
-        raise ConfigError(problems)
     config = _merge(defaults(), user)
+    if problems:
+        return config, problems
     problems = _cross_checks(config, user)
+    if not problems and config["benchmark"]["name"] == "digits":
+        config["benchmark"]["root"] = None  # it reads no folder; the record says so
+    return config, problems
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a JSON config, apply ``--set`` overrides, validate everything and fill in the defaults."""
+    config, problems = read_config(path, overrides)
     if problems:
         raise ConfigError(problems)
-    if config["benchmark"]["name"] == "digits":
-        config["benchmark"]["root"] = None  # it reads no folder; the record says so
     return config
+
+
+def concerns(problems: Sequence[str], *settings: str) -> bool:
+    """Whether a problem names one of ``settings`` (dotted paths), a section holding one, or a key
+    inside one: a check that reads those settings cannot run."""
+    named = [problem.partition(": ")[0] for problem in problems]
+    return any(
+        name == setting or name.startswith(f"{setting}.") or setting.startswith(f"{name}.")
+        for name in named
+        for setting in settings
+    )
 
 
 def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[str]:

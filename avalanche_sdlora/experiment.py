@@ -47,7 +47,7 @@ from avalanche_sdlora.benchmarks import (
     make_benchmark,
     split_problems,
 )
-from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, ConfigError
+from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, ConfigError, concerns
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.outputs import (
     ResumableCSVLogger,
@@ -138,42 +138,58 @@ def check_run_files(run_dir: Path) -> list[str]:
     return problems
 
 
-def preflight(config: Mapping[str, Any], run_dir: Path | None = None) -> torch.nn.Module:
+def preflight(
+    config: Mapping[str, Any], run_dir: Path | None = None, problems: Sequence[str] = ()
+) -> torch.nn.Module:
     """Everything that can fail before work starts: the data and its split, the device, the
     backbone with its weights (returned, for the data transforms), and, for a resumed ``run_dir``,
-    its progress and checkpoint files. Every problem found is reported together in one
-    ``ConfigError``."""
+    its progress and checkpoint files. ``problems`` are those already found in the configuration: a
+    check that reads a setting they name is skipped, the others run. Every problem is reported
+    together in one ``ConfigError``."""
+    found = [*problems, *([] if run_dir is None else check_run_files(run_dir))]
     benchmark = config["benchmark"]
-    problems = [] if run_dir is None else check_run_files(run_dir)
-    try:
-        _ensure_dataset(benchmark)
-    except FileNotFoundError as error:
-        problems.append(str(error))
-    else:
-        total = dataset_classes(benchmark["name"], benchmark["root"])
-        problems += split_problems(
-            total, benchmark["n_experiences"], benchmark["class_order"], benchmark["num_classes"]
-        )
-    device = config["experiment"]["device"]
-    if device.startswith("cuda"):
+    if not concerns(problems, "benchmark.name", "benchmark.root", "benchmark.download"):
+        try:
+            _ensure_dataset(benchmark)
+        except FileNotFoundError as error:
+            found.append(str(error))
+        else:
+            if not concerns(
+                problems,
+                "benchmark.n_experiences",
+                "benchmark.class_order",
+                "benchmark.num_classes",
+            ):
+                total = dataset_classes(benchmark["name"], benchmark["root"])
+                found += split_problems(
+                    total,
+                    benchmark["n_experiences"],
+                    benchmark["class_order"],
+                    benchmark["num_classes"],
+                )
+    device = None if concerns(problems, "experiment.device") else config["experiment"]["device"]
+    if device is not None and device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            problems.append(f"experiment.device: {device} is not available on this machine")
+            found.append(f"experiment.device: {device} is not available on this machine")
     backbone = None
-    try:
-        backbone = build_backbone(config["backbone"])  # checks the name and weights file first
-    except BackboneError as error:
-        problems.append(str(error))
-    blocks = config["sdlora"]["blocks"]
-    uses_sdlora = any(method in SDLORA_VARIANTS for method in methods_of(config))
-    if backbone is not None and uses_sdlora and blocks is not None:
+    if not concerns(problems, "backbone"):
+        try:
+            backbone = build_backbone(config["backbone"])  # checks the name and weights file first
+        except BackboneError as error:
+            found.append(str(error))
+    if backbone is not None and not concerns(
+        problems, "sdlora.blocks", "experiment.strategy", "experiment.compare"
+    ):
+        blocks = config["sdlora"]["blocks"]
+        uses_sdlora = any(method in SDLORA_VARIANTS for method in methods_of(config))
         depth = len(backbone.blocks)
-        if any(index >= depth for index in blocks):
-            problems.append(
+        if uses_sdlora and blocks is not None and any(index >= depth for index in blocks):
+            found.append(
                 f"sdlora.blocks: the backbone has {depth} blocks (0..{depth - 1}), got {blocks}"
             )
-    if problems:
-        raise ConfigError(problems)
+    if found:
+        raise ConfigError(found)
     return backbone
 
 

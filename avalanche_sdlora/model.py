@@ -7,7 +7,7 @@ experience and a linear head over every class seen so far.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from avalanche.benchmarks import CLExperience
@@ -271,6 +271,28 @@ class SDLoRAViT(DynamicModule, BaseModel):
             }
             for i, pruned in enumerate(gate.pruned.tolist())
         ]
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters in the order they were created: backbone and head, then adapter by adapter
+        (its A and B in every block, its logit and alpha).
+
+        Module order would put a new adapter's tensors in the middle; this order puts them at the
+        end, as plugins that pair parameters by position across experiences expect (online EWC).
+        """
+        adapter_of = {
+            id(param): index
+            for params in (
+                self.gate.logits,
+                self.gate.alphas,
+                *(m.lora_A for m in self.qkv_modules),
+                *(m.lora_B for m in self.qkv_modules),
+            )
+            for index, param in enumerate(params)
+        }
+        named = super().named_parameters(prefix, recurse, remove_duplicate)
+        return iter(sorted(named, key=lambda item: adapter_of.get(id(item[1]), -1)))
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The parameters that currently require grad, by role: adapters, alphas, logits, head."""

@@ -20,6 +20,7 @@ from avalanche_sdlora.config import (
     ConfigError,
     describe_schema,
     load_config,
+    read_config,
 )
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -62,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace) -> tuple[dict, Path]:
-    """The validated config and the run folder; raises ValueError kinds on bad input."""
+def _resolve(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The config and every problem found in it and in the options; raises ``ConfigError`` only
+    when there is no config to check."""
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"experiment.seeds=[{args.seed}]")
@@ -76,31 +78,34 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, Path]:
         saved = args.resume / "config.json"
         if not saved.is_file():
             raise ConfigError([f"--resume {args.resume}: no config.json there (not a run folder)"])
-        config = load_config(saved, overrides)
+        config, problems = read_config(saved, overrides)
         changed = [
             f"{path}: {old!r} -> {new!r}"
             for path, old, new in _changed_settings(load_config(saved), config)
             if path not in RESUME_MAY_CHANGE
         ]
         if changed and _finished_experiences(args.resume):
-            raise ConfigError(
-                [
-                    f"--resume {args.resume}: these changes would alter finished work, so they are "
-                    f"refused (start a new run instead): {'; '.join(changed)}; a resume may change "
-                    f"only {', '.join(RESUME_MAY_CHANGE)}"
-                ]
+            problems.append(
+                f"--resume {args.resume}: these changes would alter finished work, so they are "
+                f"refused (start a new run instead): {'; '.join(changed)}; a resume may change "
+                f"only {', '.join(RESUME_MAY_CHANGE)}"
             )
-        return config, args.resume
+        return config, problems
     if args.config is None:
         raise ConfigError(["--config is required (or --resume DIR)"])
-    config = load_config(args.config, overrides)
-    if args.output is None:
-        return config, _fresh_run_dir(Path("runs") / config["experiment"]["name"])
-    if (args.output / "config.json").exists():
-        raise ConfigError(
-            [f"--output {args.output} already holds a run; use --resume {args.output}"]
-        )
-    return config, args.output
+    config, problems = read_config(args.config, overrides)
+    if args.output is not None and (args.output / "config.json").exists():
+        problems.append(f"--output {args.output} already holds a run; use --resume {args.output}")
+    return config, problems
+
+
+def _run_dir(args: argparse.Namespace, config: dict) -> Path:
+    """The resumed folder, ``--output``, or a fresh ``runs/<experiment.name>``."""
+    if args.resume is not None:
+        return args.resume
+    if args.output is not None:
+        return args.output
+    return _fresh_run_dir(Path("runs") / config["experiment"]["name"])
 
 
 RESUME_MAY_CHANGE = (
@@ -174,13 +179,14 @@ def _way_on(run_dir: Path, fresh: bool) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config, run_dir = _resolve(args)
+        config, problems = _resolve(args)
         from avalanche_sdlora.experiment import preflight  # heavy imports after the cheap checks
 
-        backbone = preflight(config, run_dir if args.resume is not None else None)
+        backbone = preflight(config, args.resume, problems)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    run_dir = _run_dir(args, config)
     if args.dry_run:
         print(json.dumps(config, indent=2))
         print(_plan(config, run_dir))

@@ -16,11 +16,12 @@ from contextlib import contextmanager
 
 import torch
 from avalanche.core import BasePlugin
-from avalanche.training.plugins import EarlyStoppingPlugin, EvaluationPlugin
+from avalanche.training.plugins import EarlyStoppingPlugin, EvaluationPlugin, RWalkPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
+from avalanche_sdlora.compatibility import check_plugins
 from avalanche_sdlora.gate import (
     annealed_temperature,
     entropy_sparsity,
@@ -100,6 +101,9 @@ class SDLoRA(SupervisedTemplate):
     ``strategy.plugins.append(LRSchedulerPlugin(StepLR(strategy.optimizer, ...)))``; its epochs count
     across both phases and restart each experience. An ``EarlyStoppingPlugin`` acts per phase: stopping
     ends the running phase (phase 2 still trains the new adapter) and its patience restarts with each.
+
+    Plugins that cannot train with SD-LoRA (README, *Avalanche plugins*) raise
+    :class:`~avalanche_sdlora.compatibility.IncompatiblePluginError` here, naming the reason.
     """
 
     def __init__(
@@ -173,6 +177,7 @@ class SDLoRA(SupervisedTemplate):
         _choice("loss_on", loss_on, LOSS_ON)
 
         plugins = list(plugins or [])
+        check_plugins(plugins)
         _require(
             not (
                 model.gate_enabled
@@ -316,6 +321,9 @@ class SDLoRA(SupervisedTemplate):
         self._phase_seconds = {}
         plan = self.phase_plan()
         self.anneal_steps = self._selection_steps(plan, len(self.dataloader))
+        for plugin in self.plugins:
+            if isinstance(plugin, RWalkPlugin):  # its snapshot predates this experience's adapter
+                plugin.before_training(self)
         for phase, epochs in plan:
             with self._running_phase(phase, epochs):
                 super()._train_exp(experience, eval_streams, **kwargs)

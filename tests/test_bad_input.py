@@ -56,14 +56,51 @@ def test_a_config_path_that_is_a_directory(tmp_path, capsys):
     assert "is a directory; give a JSON file" in capsys.readouterr().err
 
 
-def test_a_corrupt_weights_file_is_reported_with_the_data_problems(tmp_path, capsys):
-    weights = tmp_path / "broken.safetensors"
-    weights.write_bytes(b"not a safetensors file")
-    args = ["--set", f"backbone.pretrained_file={weights}", "--set", "benchmark.n_experiences=3"]
+TOGETHER = [  # (arguments, problems reported together, checks skipped since a setting they read is bad)
+    (
+        ["sdlora.momentum=1.0", "benchmark.n_experiences=3", "backbone.pretrained_file={broken}"],
+        ["sdlora.momentum: must be", "benchmark.n_experiences: must split", "SafetensorError"],
+        [],
+    ),
+    (
+        ["benchmark.n_experiences=three", "backbone.pretrained_file={broken}"],
+        ["benchmark.n_experiences: expected int", "backbone: could not load"],
+        ["must split"],
+    ),
+    (
+        ["benchmark.name=split_cifar100", "benchmark.root={tmp}", "benchmark.n_experiences=3"],
+        ["CIFAR-100 not found", "or set benchmark.download to true"],
+        ["must split"],  # without the data there is no class count to split
+    ),
+    (
+        ["benchmark.name=split_cifar100", "benchmark.root={tmp}", "backbone.bogus=1"],
+        ["CIFAR-100 not found", "backbone.bogus: unknown key"],
+        ["backbone: could not load"],
+    ),
+    (
+        ["sdlora.blocks=[0,9]", "experiment.device=gpu", "benchmark.class_order=[0,1,2]"],
+        [
+            "sdlora.blocks: the backbone has 4 blocks",
+            "experiment.device: expected cpu, cuda",
+            "benchmark.class_order: class order must be",
+        ],
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize("settings, reported, skipped", TOGETHER)
+def test_config_data_and_weights_problems_are_reported_together(
+    tmp_path, capsys, settings, reported, skipped
+):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    args = [item for s in settings for item in ("--set", s.format(broken=broken, tmp=tmp_path))]
     assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err
-    assert "backbone: could not load" in err and "SafetensorError" in err
-    assert "benchmark.n_experiences: must split" in err  # reported together
+    assert err.startswith("error: invalid configuration:\n")
+    assert all(message in err for message in reported), err
+    assert not any(message in err for message in skipped), err
     assert not (tmp_path / "run").exists()
 
 

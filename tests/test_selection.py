@@ -7,13 +7,7 @@ import json
 
 import pytest
 import torch
-from avalanche.training.plugins import (
-    FeatureDistillationPlugin,
-    GDumbPlugin,
-    LFLPlugin,
-    SupervisedPlugin,
-    SynapticIntelligencePlugin,
-)
+from avalanche.training.plugins import GDumbPlugin, SupervisedPlugin
 from conftest import make_small_vit
 from streams import IMAGE_SIZE, separable_benchmark
 from test_cli import DEMO, SHRINK
@@ -243,23 +237,3 @@ def test_random_control_needs_the_gated_run(tmp_path, capsys):
     assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 2
     assert "sdlora_random prunes as many adapters as the sdlora run" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: LFLPlugin(lambda_e=0.1),
-        FeatureDistillationPlugin,
-        lambda: SynapticIntelligencePlugin(si_lambda=0.1),
-    ],
-)
-def test_feature_and_importance_plugins_compose(make):
-    strategy = make_strategy([make()], train_epochs=2)
-    benchmark = separable_benchmark()
-    for experience in benchmark.train_stream[:2]:
-        strategy.train(experience)
-    assert strategy.model.num_adapters == 2
-    accuracy = strategy.eval(benchmark.test_stream[:2])[
-        "Top1_Acc_Stream/eval_phase/test_stream/Task000"
-    ]
-    assert accuracy > 0.5  # chance is 1/4
