@@ -1,3 +1,5 @@
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,12 +11,16 @@ import torch
 from avalanche.checkpointing import maybe_load_checkpoint
 
 from avalanche_sdlora.backbones import build_backbone
+from avalanche_sdlora.benchmarks import LocalCIFAR100
 from avalanche_sdlora.config import load_config
 from avalanche_sdlora.distributed import SharedOrderSampler
 from avalanche_sdlora.experiment import _build_benchmark, _make_strategy
 from avalanche_sdlora.run import main
 
 ROOT = Path(__file__).parents[1]
+_spec = importlib.util.spec_from_file_location("smoke", ROOT / "benchmarks" / "ddp_gpu_smoke.py")
+smoke = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(smoke)
 DEMO = str(ROOT / "exps" / "demo.json")
 TINY = [
     "--set", "training.epochs=2",  # both SD-LoRA phases
@@ -125,3 +131,13 @@ def test_the_shared_order_splits_each_global_batch_and_evaluation_is_whole():
         SharedOrderSampler(range(9), shuffle=False, num_replicas=2, rank=r) for r in (0, 1)
     ]
     assert [list(s) for s in evaluation] == [list(range(9))] * 2
+
+
+def test_the_gpu_smoke_run_is_valid_on_the_cpu_at_tiny_size(tmp_path, capsys):
+    smoke.write_cifar100(tmp_path / "data", per_class=2, test_per_class=1)
+    train = LocalCIFAR100(str(tmp_path / "data"), train=True)
+    assert len(train) == 200 and train[0][0].size == (32, 32)
+    args = argparse.Namespace(folder=tmp_path, classes=4, tiny=True)
+    assert main([*smoke.run_arguments(args), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "methods: sdlora, naive" in plan and "(bf16)" in plan
