@@ -131,7 +131,7 @@ def leave_process_group() -> None:
     dist.destroy_process_group()
 
 
-def derived_seed(*entropy: int) -> int:
+def _seed(*entropy: int) -> int:
     """A 32-bit seed from several integers (``numpy.random.SeedSequence``)."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
@@ -165,7 +165,7 @@ class SharedOrderSampler(DistributedSampler):
             super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+def _wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP over ``model``'s parameters that require grad now (rank 0's values are broadcast).
 
     ``find_unused_parameters``: L2P uses only the selected prompts of its pool in a step.
@@ -199,14 +199,14 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
         experience, epoch = strategy.clock.train_exp_counter, strategy.clock.train_exp_epochs
-        SharedOrderSampler.epoch_seed = derived_seed(self.seed, experience, epoch)
-        RNGManager.set_random_seeds(derived_seed(self.seed, experience, epoch, rank()))
+        SharedOrderSampler.epoch_seed = _seed(self.seed, experience, epoch)
+        RNGManager.set_random_seeds(_seed(self.seed, experience, epoch, rank()))
         trainable = [p for p in strategy.model.parameters() if p.requires_grad]
         if len(trainable) != len(self._trainable) or any(
             a is not b for a, b in zip(trainable, self._trainable, strict=True)
         ):
             self._ddp = None  # its reducer's hooks go before the new wrapper's come
-            self._ddp, self._trainable = wrap(strategy.model, strategy.device), trainable
+            self._ddp, self._trainable = _wrap(strategy.model, strategy.device), trainable
 
     def before_forward(self, strategy, **kwargs) -> None:
         strategy.model = self._ddp
@@ -216,4 +216,4 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._ddp, self._trainable = None, []
-        RNGManager.set_random_seeds(derived_seed(self.seed, strategy.clock.train_exp_counter))
+        RNGManager.set_random_seeds(_seed(self.seed, strategy.clock.train_exp_counter))

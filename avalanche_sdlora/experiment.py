@@ -465,7 +465,8 @@ def run_experiment(
 
     ``backbone`` (from :func:`preflight`) sets the data transforms; each run builds its own copy.
     With ``experiment.workers`` > 1 the runs go to that many processes (each with its own
-    ``experiment.threads``); every run is seeded on its own, so the order does not matter.
+    ``experiment.threads``); every run is seeded on its own, so the order does not matter. Under
+    ``torchrun`` every rank calls this and trains each run with the others; rank 0 alone writes.
     """
     if is_main_process():
         write_json(run_dir / "config.json", config)

@@ -3,7 +3,9 @@
 Runs ``exps/demo.json`` (SD-LoRA and Naive, seed 0) ``--repeats`` times each way, interleaved, and
 writes the medians, their ratio and the accuracy difference between the two to ``--out``:
 
-    python benchmarks/ddp.py [--repeats 3] [--out benchmarks/results/ddp.md]
+    python benchmarks/ddp.py [--repeats 3] [--out benchmarks/results/ddp.md] [-- --set key=value ...]
+
+Arguments after ``--`` go to both runs (``--set training.epochs=1`` for a shorter demo).
 
 Wall time is the whole command (start-up included); training is the run's own ``wall_seconds``.
 """
@@ -31,23 +33,28 @@ WAYS = {
 }
 
 
-def measure(command: list[str], threads: int, output: Path) -> tuple[float, dict]:
+def measure(command: list[str], threads: int, output: Path, extra: list[str]) -> tuple[float, dict]:
     """Seconds the command took, and its ``metrics.json``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    command = [*command, "--output", str(output), "--set", f"experiment.threads={threads}"]
+    command = [*command, *extra, "--output", str(output), "--set", f"experiment.threads={threads}"]
     began = time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
     return time.perf_counter() - began, json.loads((output / "metrics.json").read_text())
 
 
-def report(times: dict[str, list[float]], runs: dict[str, list[dict]], load: list[float]) -> str:
+def report(
+    times: dict[str, list[float]], runs: dict[str, list[dict]], load: list[float], extra: list[str]
+) -> str:
     one, two = WAYS
+    separator = ["--"] if extra else []
+    call = " ".join(
+        ["python benchmarks/ddp.py", f"--repeats {len(times[one])}", *separator, *extra]
+    )
     lines = [
         f"# Demo on 2 CPU cores: {one} against {two}",
         "",
-        f"`python benchmarks/ddp.py --repeats {len(times[one])}`: `exps/demo.json` (SD-LoRA and "
-        "Naive, 5 experiences of 2 digits, 3 epochs, global batch 32, seed 0), medians of "
-        f"{len(times[one])} interleaved runs.",
+        f"`{call}`: `exps/demo.json` (SD-LoRA and Naive, 5 experiences of 2 digits, global "
+        f"batch 32, seed 0), medians of {len(times[one])} interleaved runs.",
         "",
         "| | wall time, whole command (s) | run's own wall time (s) |",
         "|---|---|---|",
@@ -87,19 +94,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ddp.md")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    extra = extra[1:] if extra[:1] == ["--"] else extra
     times: dict[str, list[float]] = {way: [] for way in WAYS}
     runs: dict[str, list[dict]] = {way: [] for way in WAYS}
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as folder:
         for repeat in range(args.repeats):
             for index, (way, (command, threads)) in enumerate(WAYS.items()):
-                seconds, metrics = measure(command, threads, Path(folder) / f"{index}-{repeat}")
+                output = Path(folder) / f"{index}-{repeat}"
+                seconds, metrics = measure(command, threads, output, extra)
                 times[way].append(seconds)
                 runs[way].append(metrics)
                 print(f"{way}, repeat {repeat}: {seconds:.1f} s", flush=True)
     load.append(os.getloadavg()[0])
-    args.out.write_text(report(times, runs, load))
+    args.out.write_text(report(times, runs, load, extra))
     print(args.out.read_text())
 
 
