@@ -48,6 +48,14 @@ from avalanche_sdlora.benchmarks import (
     split_problems,
 )
 from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, ConfigError, concerns
+from avalanche_sdlora.distributed import (
+    DistributedPlugin,
+    is_main_process,
+    launched_processes,
+    mean_over_ranks,
+    process_device,
+    world_size,
+)
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.outputs import (
     ResumableCSVLogger,
@@ -119,17 +127,25 @@ def _ensure_dataset(benchmark: Mapping[str, Any]) -> None:
 
 
 def check_run_files(run_dir: Path) -> list[str]:
-    """The unreadable ``progress.json`` and ``checkpoint.pkl`` files of a run folder, each with the
-    way out. A checkpoint is a zip archive (``torch.save``); a truncated one has lost its directory."""
+    """The unreadable ``progress.json`` and ``checkpoint.pkl`` files of a run folder, and the runs
+    trained on another number of processes, each with the way out. A checkpoint is a zip archive
+    (``torch.save``); a truncated one has lost its directory."""
     problems = []
     for folder in sorted(run_dir.glob("*/seed*")):
         way_out = f"delete {folder} to train that run again from its start"
         progress, checkpoint = folder / "progress.json", folder / "checkpoint.pkl"
         if progress.exists():
             try:
-                json.loads(progress.read_text())
+                recorded = json.loads(progress.read_text()).get("world_size", 1)
             except ValueError as error:
                 problems.append(f"{progress} is unreadable ({error}); {way_out}")
+            else:
+                if recorded != launched_processes():
+                    problems.append(
+                        f"{progress}: trained on {recorded} processes (its batches are split "
+                        f"that way); resume it with torchrun --nproc_per_node={recorded}, or "
+                        f"{way_out}"
+                    )
         if checkpoint.exists():
             try:
                 zipfile.ZipFile(checkpoint).close()
@@ -167,7 +183,11 @@ def preflight(
                     benchmark["class_order"],
                     benchmark["num_classes"],
                 )
-    device = None if concerns(problems, "experiment.device") else config["experiment"]["device"]
+    device = (
+        None
+        if concerns(problems, "experiment.device")
+        else process_device(config["experiment"]["device"])
+    )
     if device is not None and device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
@@ -224,23 +244,29 @@ def _make_strategy(
     """One method's strategy; ``reference`` is the ``sdlora`` run whose pruning counts
     ``sdlora_random`` copies."""
     experiment, training = config["experiment"], config["training"]
-    evaluator = EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        loss_metrics(epoch=True, stream=True),
-        loggers=[
+    loggers = (
+        [
             InteractiveLogger(),
             ResumableCSVLogger(folder / "csv"),
             TensorboardLogger(str(folder / "tensorboard")),
-        ],
+        ]
+        if is_main_process()
+        else []  # only rank 0 writes the run folder (Avalanche refuses a logger elsewhere)
+    )
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        loss_metrics(epoch=True, stream=True),
+        loggers=loggers,
     )
     plugins = [AutocastPlugin()] if config["backbone"]["precision"] == "bf16" else []
     template = {
-        "train_mb_size": training["batch_size"],
+        "train_mb_size": training["batch_size"] // world_size(),  # the global batch, split
         "train_epochs": training["epochs"],
         "eval_mb_size": training["eval_batch_size"],
-        "device": experiment["device"],
+        "device": process_device(experiment["device"]),
         "evaluator": evaluator,
     }
+    shared = [DistributedPlugin(seed)] if world_size() > 1 else []
     backbone = build_backbone(config["backbone"])
     if method not in SDLORA_VARIANTS:
         return make_baseline(
@@ -248,7 +274,7 @@ def _make_strategy(
             backbone,
             config["baselines"][method],
             num_classes=num_classes,
-            plugins=plugins,
+            plugins=plugins + shared,
             **template,
         )
     s = {**config["sdlora"], **SDLORA_VARIANTS[method]}
@@ -265,6 +291,8 @@ def _make_strategy(
         alpha_init=s["alpha_init"],
         tau_final=s["gumbel_tau_final"],
     )
+    if shared:  # every rank draws the same Gumbel noise (the global stream is per rank)
+        model.generator = torch.Generator().manual_seed(seed)
     plugins.append(GateTracePlugin())
     if s["pruning"]:
         pruner = {"rule": s["prune_rule"], "num_samples": s["num_samples"], "seed": seed}
@@ -277,7 +305,7 @@ def _make_strategy(
     if s["knowledge_distillation"]:
         plugins.insert(0, KnowledgeDistillationPlugin(s["kd_threshold"]))
     settings = {k: s[k] for k in _STRATEGY_KEYS}
-    return SDLoRA(model=model, plugins=plugins, **settings, **template)
+    return SDLoRA(model=model, plugins=plugins + shared, **settings, **template)
 
 
 _STRATEGY_KEYS = (
@@ -312,7 +340,7 @@ def _run_one(
 ) -> RunReport:
     """Train and evaluate one method with one seed, continuing from its checkpoint if any."""
     progress_file, checkpoint = folder / "progress.json", folder / "checkpoint.pkl"
-    progress = {"eval_results": [], "records": []}
+    progress = {"eval_results": [], "records": [], "world_size": world_size()}
     if progress_file.exists():
         progress = json.loads(progress_file.read_text())
     experiences = len(benchmark.train_stream)
@@ -320,32 +348,36 @@ def _run_one(
     strategy = _make_strategy(method, config, folder, num_classes, seed, reference)
     start = 0
     if progress["eval_results"] and checkpoint.exists():
+        loggers = strategy.evaluator.loggers
         strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=strategy.device)
+        strategy.evaluator.loggers = loggers  # checkpoints hold none: see _save_checkpoint
     del progress["eval_results"][start:], progress["records"][start:]
-    trim_csv_logs(folder / "csv", start)
+    main = is_main_process()
+    if main:
+        trim_csv_logs(folder / "csv", start)
     workers = {"num_workers": config["benchmark"]["num_workers"]}
     for experience in benchmark.train_stream[start:]:
         index = experience.current_experience
         began = time.perf_counter()
         strategy.train(experience, **workers)
         seconds = time.perf_counter() - began
-        loss = _last_training_loss(strategy)
+        loss = mean_over_ranks(_last_training_loss(strategy))
         progress["eval_results"].append(strategy.eval(benchmark.test_stream, **workers))
         wall = time.perf_counter() - began
         record = _experience_record(strategy, index, seconds)
         progress["records"].append({**record, "wall_seconds": wall, "train_loss": loss})
-        if loss is not None and not np.isfinite(loss):
+        if main and loss is not None and not np.isfinite(loss):
             warnings.warn(
                 f"{method} seed {seed}: the training loss of experience {index} is {loss}, so the "
                 "run has diverged; a lower learning rate (or regulariser weight) may fix it",
                 RuntimeWarning,
                 stacklevel=1,
             )
-        # progress first: a crash between the two then retrains this experience, never skips it
-        write_json(folder / "progress.json", _jsonable(progress))
-        if config["experiment"]["checkpoint"]:
-            atomic_write(checkpoint, lambda target: save_checkpoint(strategy, target))
-        _print_progress(method, seed, index, experiences, progress)
+        if main:  # progress first: a crash between the two retrains this experience, never skips it
+            write_json(folder / "progress.json", _jsonable(progress))
+            if config["experiment"]["checkpoint"]:
+                _save_checkpoint(strategy, checkpoint)
+            _print_progress(method, seed, index, experiences, progress)
     pruning = _plugin(strategy, GumbelPruningPlugin)
     trace = _plugin(strategy, GateTracePlugin)
     absorption = _plugin(strategy, KnowledgeDistillationPlugin)
@@ -356,6 +388,16 @@ def _run_one(
         trace.trace if trace else (),
         absorption_fits=absorption.history if absorption else (),
     )
+
+
+def _save_checkpoint(strategy: SupervisedTemplate, path: Path) -> None:
+    """Avalanche's checkpoint, without the loggers: unpickled, they would write to the run folder
+    from every rank that resumes; each resumed run keeps the loggers it was built with."""
+    loggers, strategy.evaluator.loggers = strategy.evaluator.loggers, []
+    try:
+        atomic_write(path, lambda target: save_checkpoint(strategy, target))
+    finally:
+        strategy.evaluator.loggers = loggers
 
 
 def _last_training_loss(strategy: SupervisedTemplate) -> float | None:
@@ -429,7 +471,8 @@ def _run_job(
     reports: list[RunReport] = []
     for method, seed in job:
         folder = run_dir / method / f"seed{seed}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
         reference = reports[-1] if method == RANDOM_CONTROL else None
         reports.append(
             _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes, reference)
@@ -457,9 +500,11 @@ def run_experiment(
 
     ``backbone`` (from :func:`preflight`) sets the data transforms; each run builds its own copy.
     With ``experiment.workers`` > 1 the runs go to that many processes (each with its own
-    ``experiment.threads``); every run is seeded on its own, so the order does not matter.
+    ``experiment.threads``); every run is seeded on its own, so the order does not matter. Under
+    ``torchrun`` every rank calls this and trains each run with the others; rank 0 alone writes.
     """
-    write_json(run_dir / "config.json", config)
+    if is_main_process():
+        write_json(run_dir / "config.json", config)
     started = time.perf_counter()
     jobs = _jobs(config)
     workers = config["experiment"]["workers"]
@@ -494,8 +539,10 @@ def run_experiment(
         },
         "wall_seconds": time.perf_counter() - started,
         "accuracy_unit": "percent",
+        "world_size": world_size(),
     }
-    _write_outputs(run_dir, metrics, results)
+    if is_main_process():
+        _write_outputs(run_dir, metrics, results)
     return metrics
 
 

@@ -30,7 +30,7 @@ def _publish(strategy, origin: SupervisedPlugin, prefix: str, values: Mapping[st
         )
 
 
-class GumbelPruningPlugin(SupervisedPlugin):
+class GumbelPruningPlugin(SupervisedPlugin, supports_distributed=True):
     """Prunes rarely selected adapters after each training experience, then consolidates the new one.
 
     The decision (:class:`~avalanche_sdlora.pruning.SelectionPruner`, or the ``pruner`` given, such
@@ -110,7 +110,7 @@ class KnowledgeDistillationPlugin(SupervisedPlugin):
             _publish(strategy, self, prefix, {"residual": fit.residual, "absorbed": fit.absorbed})
 
 
-class AutocastPlugin(SupervisedPlugin):
+class AutocastPlugin(SupervisedPlugin, supports_distributed=True):
     """Runs every forward pass (training and evaluation) under ``torch.autocast``.
 
     The outputs are cast back to float32 so losses and metrics are computed in full precision.
@@ -144,7 +144,7 @@ class AutocastPlugin(SupervisedPlugin):
         self._exit(strategy)
 
 
-class GateTracePlugin(SupervisedPlugin):
+class GateTracePlugin(SupervisedPlugin, supports_distributed=True):
     """Records every adapter's alpha and mean training beta after each training epoch.
 
     ``trace`` holds one row per epoch and adapter (experience, phase, epoch, adapter, alpha, beta), so

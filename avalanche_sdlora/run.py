@@ -18,6 +18,7 @@ from avalanche_sdlora.config import (
     FREE_FORM_SETTINGS,
     METHODS,
     ConfigError,
+    concerns,
     describe_schema,
     load_config,
     read_config,
@@ -177,10 +178,16 @@ def _way_on(run_dir: Path, fresh: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; under ``torchrun`` every process runs it and trains the run together."""
     args = _parser().parse_args(argv)
     try:
         config, problems = _resolve(args)
-        from avalanche_sdlora.experiment import preflight  # heavy imports after the cheap checks
+        from avalanche_sdlora import distributed  # heavy imports after the cheap checks
+        from avalanche_sdlora.experiment import preflight
+
+        processes = distributed.launched_processes()
+        if not concerns(problems, "experiment", "training.batch_size"):
+            problems += distributed.launch_problems(config, processes)
 
         backbone = preflight(config, args.resume, problems)
     except (ValueError, FileNotFoundError) as error:
@@ -194,18 +201,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from avalanche_sdlora.experiment import run_experiment
 
     fresh = not run_dir.exists()
+    if processes > 1:
+        distributed.init_process_group(config["experiment"]["device"])
+        # rank 0's folder: a time-stamped default name may differ by a second between ranks
+        run_dir, fresh = distributed.share_from_main((run_dir, fresh))
+    main_process = distributed.is_main_process()
+    where = f" (rank {distributed.rank()} of {processes})" if processes > 1 else ""
     started = time.perf_counter()
     try:
         run_experiment(config, run_dir, backbone)
     except KeyboardInterrupt:
-        print(f"interrupted; {_way_on(run_dir, fresh)}", file=sys.stderr)
+        print(f"interrupted{where}", file=sys.stderr)
+        if main_process:
+            print(_way_on(run_dir, fresh), file=sys.stderr)
         return EXIT_FAILURE
     except Exception as error:  # a failure while running: keep what finished, say how to go on
-        print(f"error while running: {type(error).__name__}: {error}", file=sys.stderr)
-        print(_way_on(run_dir, fresh), file=sys.stderr)
+        print(f"error while running{where}: {type(error).__name__}: {error}", file=sys.stderr)
+        if main_process:
+            print(_way_on(run_dir, fresh), file=sys.stderr)
         return EXIT_FAILURE
-    print((run_dir / "summary.md").read_text())
-    print(f"done in {time.perf_counter() - started:.0f} s; results in {run_dir}")
+    finally:
+        if processes > 1:
+            distributed.leave_process_group()
+    if main_process:
+        print((run_dir / "summary.md").read_text())
+        print(f"done in {time.perf_counter() - started:.0f} s; results in {run_dir}")
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from avalanche.core import BasePlugin
+from avalanche.distributed import DistributedHelper
 from avalanche.training.plugins import EarlyStoppingPlugin, EvaluationPlugin, RWalkPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
@@ -350,12 +351,13 @@ class SDLoRA(SupervisedTemplate):
 
     def forward(self) -> Tensor:
         if self.is_training:
-            if not self.model.training:  # a plugin switched it to eval (Avalanche's LFL does)
-                self.model.train()
+            model: SDLoRAViT = DistributedHelper.unwrap_model(self.model)  # DDP in a process group
+            if not model.training:  # a plugin switched it to eval (Avalanche's LFL does)
+                model.train()
             if self.gate_optimizer is not None:  # the template clears only the main optimizer
                 self.gate_optimizer.zero_grad()
-            if self.model.gate_enabled:
-                self.model.gate.tau = self.temperature(self.gate_step)
+            if model.gate_enabled:
+                model.gate.tau = self.temperature(self.gate_step)
                 self.gate_step += 1
         return super().forward()
 
