@@ -5,7 +5,9 @@ writes the medians, their ratio and the accuracy difference between the two to `
 
     python benchmarks/ddp.py [--repeats 3] [--out benchmarks/results/ddp.md] [-- --set key=value ...]
 
-Arguments after ``--`` go to both runs (``--set training.epochs=1`` for a shorter demo).
+Arguments after ``--`` go to both runs (``--set training.epochs=1`` for a shorter demo,
+``--set experiment.seeds=[0,1,2]`` for the accuracy difference over several seeds: the table then
+gives the mean over the seeds and each seed's difference).
 
 Wall time is the whole command (start-up included); training is the run's own ``wall_seconds``.
 """
@@ -54,7 +56,7 @@ def report(
         f"# Demo on 2 CPU cores: {one} against {two}",
         "",
         f"`{call}`: `exps/demo.json` (SD-LoRA and Naive, 5 experiences of 2 digits, global "
-        f"batch 32, seed 0), medians of {len(times[one])} interleaved runs.",
+        f"batch 32), medians of {len(times[one])} interleaved runs.",
         "",
         "| | wall time, whole command (s) | run's own wall time (s) |",
         "|---|---|---|",
@@ -69,13 +71,22 @@ def report(
         f"{statistics.median(times[two]) / statistics.median(times[one]):.2f} | "
         f"{statistics.median(own[two]) / statistics.median(own[one]):.2f} |",
         "",
-        "| method | metric | 1 process | 2 processes | difference (points) |",
-        "|---|---|---|---|---|",
+        "| method | metric | seeds | 1 process | 2 processes | difference (points) | per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for method in runs[one][0]["methods"]:
+    for method, entry in runs[one][0]["methods"].items():
+        seeds = list(entry["seeds"])
         for metric in ("last_accuracy", "average_incremental_accuracy"):
-            a, b = (runs[way][0]["methods"][method]["seeds"]["0"][metric] for way in WAYS)
-            lines.append(f"| {method} | {metric} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+            a, b = (
+                [runs[way][0]["methods"][method]["seeds"][seed][metric] for seed in seeds]
+                for way in WAYS
+            )
+            each = ", ".join(f"{y - x:+.2f}" for x, y in zip(a, b, strict=True))
+            mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+            lines.append(
+                f"| {method} | {metric} | {', '.join(seeds)} | {mean_a:.2f} | {mean_b:.2f} | "
+                f"{mean_b - mean_a:+.2f} | {each} |"
+            )
     same = all(_accuracies(r) == _accuracies(runs[way][0]) for way in WAYS for r in runs[way])
     lines += [
         "",
@@ -87,7 +98,11 @@ def report(
 
 
 def _accuracies(metrics: dict) -> dict:
-    return {m: e["seeds"]["0"]["accuracy_matrix"] for m, e in metrics["methods"].items()}
+    return {
+        (m, seed): report["accuracy_matrix"]
+        for m, e in metrics["methods"].items()
+        for seed, report in e["seeds"].items()
+    }
 
 
 def main() -> None:

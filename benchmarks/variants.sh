@@ -19,6 +19,8 @@ OUT=benchmarks/results/variants
 mkdir -p "$OUT"
 cp "$RUN"/{summary.md,metrics.json,accuracy_matrix.csv,absorption.csv,config.json} "$OUT"/
 cp "$RUN"/plots/*.png "$OUT"/
+# the record names the project's default data folder, not this machine's
+sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "$OUT/config.json"
 "$PY" benchmarks/absorption_stats.py "$RUN/metrics.json" > "$OUT/absorption.md"
 "$PY" benchmarks/params_vs_accuracy.py benchmarks/results/metrics.json "$RUN/metrics.json" \
   --output "$OUT/params_vs_accuracy_all.png" > "$OUT/params_vs_accuracy_all.md"
