@@ -236,24 +236,26 @@ def test_the_runner_trains_rr_and_kd_resumes_them_and_plots_accuracy_per_paramet
 ):
     args = ["--config", DEMO, *SHRINK, "--set", "benchmark.num_classes=6"]
     args += ["--set", "benchmark.n_experiences=3", "--set", "experiment.strategy=sdlora_rr"]
-    args += ["--compare", "sdlora_kd", "--set", 'sdlora.rank_schedule={"2":1}']
+    args += ["--compare", "sdlora_kd", "--set", 'sdlora.rank_schedule={"1":2,"2":1}']
     args += ["--set", "sdlora.kd_threshold=1.01"]  # residuals are <= 1: absorb everything
     whole = tmp_path / "whole"
     assert main([*args, "--output", str(whole)]) == 0
 
     train, calls = SDLoRA.train, []
 
-    def crash_in_the_last_kd_experience(self, *a, **k):
+    def crash_mid_rr_then_mid_kd(self, *a, **k):
+        # calls 1-3: sdlora_rr's experiences, 4-6: sdlora_kd's; a resume retrains the crashed one
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) in (3, 7):  # rr after its rank-2 adapter; kd after its first absorption
             raise RuntimeError("simulated crash")
         return train(self, *a, **k)
 
-    monkeypatch.setattr(SDLoRA, "train", crash_in_the_last_kd_experience)
+    monkeypatch.setattr(SDLoRA, "train", crash_mid_rr_then_mid_kd)
     broken = tmp_path / "broken"
     assert main([*args, "--output", str(broken)]) == 1
-    monkeypatch.setattr(SDLoRA, "train", train)
+    assert main(["--resume", str(broken)]) == 1
     assert main(["--resume", str(broken)]) == 0
+    assert len(calls) == 8
 
     metrics = json.loads((whole / "metrics.json").read_text())["methods"]
     resumed = json.loads((broken / "metrics.json").read_text())["methods"]
@@ -261,7 +263,7 @@ def test_the_runner_trains_rr_and_kd_resumes_them_and_plots_accuracy_per_paramet
         for key in ("accuracy_matrix", "absorption"):
             assert resumed[method]["seeds"]["0"][key] == metrics[method]["seeds"]["0"][key]
     rr = metrics["sdlora_rr"]["seeds"]["0"]["experiences"][-1]["adapters"]
-    assert [a["rank"] for a in rr] == [4, 4, 1]
+    assert [a["rank"] for a in rr] == [4, 2, 1]
     kd = metrics["sdlora_kd"]["seeds"]["0"]
     assert [(f["experience"], f["absorbed"]) for f in kd["absorption"]] == [
         (e, True)
