@@ -610,3 +610,17 @@ def describe_schema(schema: Mapping[str, Any] = SCHEMA, path: str = "") -> list[
         else:
             lines.append(f"{path}{key} = {json.dumps(node.default)}: {node.help}")
     return lines
+
+
+def methods_of(config: Mapping[str, Any]) -> list[str]:
+    """The main strategy, then the compared ones, each once."""
+    experiment = config["experiment"]
+    return list(dict.fromkeys([experiment["strategy"], *experiment["compare"]]))
+
+
+def seeds_of(config: Mapping[str, Any], method: str) -> list[int]:
+    """The seeds a method runs with: ``baseline_seeds`` (if set) for the baselines."""
+    experiment = config["experiment"]
+    if method in SDLORA_VARIANTS or experiment["baseline_seeds"] is None:
+        return experiment["seeds"]
+    return experiment["baseline_seeds"]

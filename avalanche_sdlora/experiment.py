@@ -1,17 +1,5 @@
-"""Run a configured class-incremental experiment: every method x seed, resumable, with its outputs.
-
-Layout of a run folder::
-
-    config.json               the resolved configuration
-    metrics.json              every metric of docs/METHOD.md per method and seed, and mean +- std
-    accuracy_matrix.csv       R[t][j] per method and seed
-    pruning.csv               the pruning decisions of the gated SD-LoRA runs
-    absorption.csv            the direction fits of the SD-LoRA-KD runs
-    summary.md                one table row per method
-    plots/*.png               seen-class accuracy, accuracy matrices, alpha/beta per adapter,
-                              last accuracy against trainable parameters (several methods)
-    <method>/seed<k>/         Avalanche's CSV and TensorBoard logs, checkpoint.pkl, progress.json
-"""
+"""Run a configured class-incremental experiment: every method x seed, resumable, with its outputs
+(the run folder's layout: :mod:`avalanche_sdlora.run_folder`)."""
 
 from __future__ import annotations
 
@@ -21,7 +9,6 @@ import json
 import multiprocessing
 import time
 import warnings
-import zipfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -36,22 +23,18 @@ from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from avalanche_sdlora.backbones import BackboneError, build_backbone
+from avalanche_sdlora.backbones import build_backbone
 from avalanche_sdlora.baselines import make_baseline
 from avalanche_sdlora.benchmarks import (
     backbone_transforms,
-    check_dataset,
     class_order,
     dataset_classes,
-    download_cifar100,
     make_benchmark,
-    split_problems,
 )
-from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, ConfigError, concerns
+from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, methods_of, seeds_of
 from avalanche_sdlora.distributed import (
     DistributedPlugin,
     is_main_process,
-    launched_processes,
     mean_over_ranks,
     process_device,
     world_size,
@@ -61,16 +44,7 @@ from avalanche_sdlora.outputs import (
     ResumableCSVLogger,
     atomic_write,
     trim_csv_logs,
-    write_csv,
     write_json,
-    write_text,
-)
-from avalanche_sdlora.plots import (
-    plot_accuracy_matrix,
-    plot_adapters,
-    plot_gate_trace,
-    plot_params_vs_accuracy,
-    plot_seen_accuracy,
 )
 from avalanche_sdlora.plugins import (
     AutocastPlugin,
@@ -80,137 +54,15 @@ from avalanche_sdlora.plugins import (
 )
 from avalanche_sdlora.pruning import RandomPruner, SelectionPruner
 from avalanche_sdlora.report import RunReport, peak_memory_mb, summarize_run
+from avalanche_sdlora.run_folder import jsonable, summarize_seeds, write_run_folder
 from avalanche_sdlora.strategy import SDLoRA
 
-__all__ = ["methods_of", "preflight", "run_experiment", "seeds_of"]
-
-SUMMARY_METRICS = (
-    "last_accuracy",
-    "average_incremental_accuracy",
-    "average_forgetting",
-    "backward_transfer",
-    "active_adapters",
-    "trainable_parameters",
-    "train_seconds",
-    "wall_seconds",
-    "peak_memory_mb",
-)
+__all__ = ["run_experiment"]
 
 
 # Training cost relative to Naive: Cumulative retrains on every experience so far, Replay doubles
 # each mini-batch with memory samples.
 _RELATIVE_COST = {"cumulative": 5, "replay": 2}
-
-
-def methods_of(config: Mapping[str, Any]) -> list[str]:
-    """The main strategy, then the compared ones, each once."""
-    experiment = config["experiment"]
-    return list(dict.fromkeys([experiment["strategy"], *experiment["compare"]]))
-
-
-def seeds_of(config: Mapping[str, Any], method: str) -> list[int]:
-    """The seeds a method runs with: ``baseline_seeds`` (if set) for the baselines."""
-    experiment = config["experiment"]
-    if method in SDLORA_VARIANTS or experiment["baseline_seeds"] is None:
-        return experiment["seeds"]
-    return experiment["baseline_seeds"]
-
-
-def _ensure_dataset(benchmark: Mapping[str, Any]) -> None:
-    """The benchmark's data is on disk, downloaded first where ``benchmark.download`` allows it."""
-    try:
-        check_dataset(benchmark["name"], benchmark["root"])
-    except FileNotFoundError:
-        if not (benchmark["download"] and benchmark["name"] == "split_cifar100"):
-            raise
-        download_cifar100(benchmark["root"])
-
-
-def check_run_files(run_dir: Path) -> list[str]:
-    """The unreadable ``progress.json`` and ``checkpoint.pkl`` files of a run folder, and the runs
-    trained on another number of processes, each with the way out. A checkpoint is a zip archive
-    (``torch.save``); a truncated one has lost its directory."""
-    problems = []
-    for folder in sorted(run_dir.glob("*/seed*")):
-        way_out = f"delete {folder} to train that run again from its start"
-        progress, checkpoint = folder / "progress.json", folder / "checkpoint.pkl"
-        if progress.exists():
-            try:
-                recorded = json.loads(progress.read_text()).get("world_size", 1)
-            except ValueError as error:
-                problems.append(f"{progress} is unreadable ({error}); {way_out}")
-            else:
-                if recorded != launched_processes():
-                    problems.append(
-                        f"{progress}: trained on {recorded} processes (its batches are split "
-                        f"that way); resume it with torchrun --nproc_per_node={recorded}, or "
-                        f"{way_out}"
-                    )
-        if checkpoint.exists():
-            try:
-                zipfile.ZipFile(checkpoint).close()
-            except (zipfile.BadZipFile, OSError) as error:
-                problems.append(f"{checkpoint} is unreadable ({error}); {way_out}")
-    return problems
-
-
-def preflight(
-    config: Mapping[str, Any], run_dir: Path | None = None, problems: Sequence[str] = ()
-) -> torch.nn.Module:
-    """Everything that can fail before work starts: the data and its split, the device, the
-    backbone with its weights (returned, for the data transforms), and, for a resumed ``run_dir``,
-    its progress and checkpoint files. ``problems`` are those already found in the configuration: a
-    check that reads a setting they name is skipped, the others run. Every problem is reported
-    together in one ``ConfigError``."""
-    found = [*problems, *([] if run_dir is None else check_run_files(run_dir))]
-    benchmark = config["benchmark"]
-    if not concerns(problems, "benchmark.name", "benchmark.root", "benchmark.download"):
-        try:
-            _ensure_dataset(benchmark)
-        except FileNotFoundError as error:
-            found.append(str(error))
-        else:
-            if not concerns(
-                problems,
-                "benchmark.n_experiences",
-                "benchmark.class_order",
-                "benchmark.num_classes",
-            ):
-                total = dataset_classes(benchmark["name"], benchmark["root"])
-                found += split_problems(
-                    total,
-                    benchmark["n_experiences"],
-                    benchmark["class_order"],
-                    benchmark["num_classes"],
-                )
-    device = (
-        None
-        if concerns(problems, "experiment.device")
-        else process_device(config["experiment"]["device"])
-    )
-    if device is not None and device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            found.append(f"experiment.device: {device} is not available on this machine")
-    backbone = None
-    if not concerns(problems, "backbone"):
-        try:
-            backbone = build_backbone(config["backbone"])  # checks the name and weights file first
-        except BackboneError as error:
-            found.append(str(error))
-    if backbone is not None and not concerns(
-        problems, "sdlora.blocks", "experiment.strategy", "experiment.compare"
-    ):
-        blocks = config["sdlora"]["blocks"]
-        uses_sdlora = any(method in SDLORA_VARIANTS for method in methods_of(config))
-        depth = len(backbone.blocks)
-        if uses_sdlora and blocks is not None and any(index >= depth for index in blocks):
-            found.append(
-                f"sdlora.blocks: the backbone has {depth} blocks (0..{depth - 1}), got {blocks}"
-            )
-    if found:
-        raise ConfigError(found)
-    return backbone
 
 
 def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
@@ -374,7 +226,7 @@ def _run_one(
                 stacklevel=1,
             )
         if main:  # progress first: a crash between the two retrains this experience, never skips it
-            write_json(folder / "progress.json", _jsonable(progress))
+            write_json(folder / "progress.json", jsonable(progress))
             if config["experiment"]["checkpoint"]:
                 _save_checkpoint(strategy, checkpoint)
             _print_progress(method, seed, index, experiences, progress)
@@ -427,37 +279,6 @@ def _print_progress(method: str, seed: int, index: int, total: int, progress: di
     )
 
 
-def _jsonable(value: Any) -> Any:
-    """Metric dictionaries hold floats, tensors and NumPy scalars; keep the JSON-able numbers."""
-    if isinstance(value, Mapping):
-        converted = {str(k): _jsonable(v) for k, v in value.items()}
-        return {k: v for k, v in converted.items() if v is not None}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.numel() == 1):
-        return value.item()
-    return None
-
-
-def _summary(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
-    def final(report: RunReport, key: str) -> float:
-        if key in ("train_seconds", "wall_seconds"):
-            return float(sum(r.get(key, 0.0) for r in report.experiences))
-        if key == "peak_memory_mb":
-            return float(max(r.get(key, 0.0) for r in report.experiences))
-        if key in ("active_adapters", "trainable_parameters"):
-            return float(report.experiences[-1].get(key, float("nan")))
-        return float(getattr(report, key))
-
-    summary = {}
-    for key in SUMMARY_METRICS:
-        values = np.asarray([final(report, key) for report in reports])
-        summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
-    return summary
-
-
 def _run_job(
     config: Mapping[str, Any], run_dir: Path, job: Sequence[tuple[str, int]], benchmark=None
 ) -> list[RunReport]:
@@ -498,7 +319,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or continue) every method x seed of ``config`` in ``run_dir`` and write the outputs.
 
-    ``backbone`` (from :func:`preflight`) sets the data transforms; each run builds its own copy.
+    ``backbone`` (from :func:`~avalanche_sdlora.preflight.preflight`) sets the data transforms;
+    each run builds its own copy.
     With ``experiment.workers`` > 1 the runs go to that many processes (each with its own
     ``experiment.threads``); every run is seeded on its own, so the order does not matter. Under
     ``torchrun`` every rank calls this and trains each run with the others; rank 0 alone writes.
@@ -532,7 +354,7 @@ def run_experiment(
     metrics = {
         "methods": {
             method: {
-                "summary": _summary(list(per_seed.values())),
+                "summary": summarize_seeds(list(per_seed.values())),
                 "seeds": {str(seed): report.as_dict() for seed, report in per_seed.items()},
             }
             for method, per_seed in results.items()
@@ -542,114 +364,5 @@ def run_experiment(
         "world_size": world_size(),
     }
     if is_main_process():
-        _write_outputs(run_dir, metrics, results)
+        write_run_folder(run_dir, metrics, results)
     return metrics
-
-
-def _write_outputs(run_dir: Path, metrics: dict, results: dict[str, dict[int, RunReport]]) -> None:
-    write_json(run_dir / "metrics.json", _jsonable(metrics))
-    experiences = len(next(iter(next(iter(results.values())).values())).accuracy_matrix)
-    write_csv(
-        run_dir / "accuracy_matrix.csv",
-        ["method", "seed", "after_experience", *[f"exp{j}" for j in range(experiences)]],
-        (
-            [method, seed, t, *(f"{v:.2f}" for v in row)]
-            for method, per_seed in results.items()
-            for seed, report in per_seed.items()
-            for t, row in enumerate(report.accuracy_matrix)
-        ),
-    )
-    decision_fields = [
-        "experience",
-        "adapter",
-        "alpha",
-        "logit",
-        "eval_beta",
-        "mean_beta",
-        "frequency",
-        "pruned",
-        "new",
-        "agreement",
-    ]
-    write_csv(
-        run_dir / "pruning.csv",
-        ["method", "seed", *decision_fields],
-        (
-            [method, seed, *(row[f] for f in decision_fields)]
-            for method, per_seed in results.items()
-            for seed, report in per_seed.items()
-            for row in report.pruning
-        ),
-    )
-    fit_fields = ["experience", "adapter", "block", "projection", "residual", "absorbed"]
-    write_csv(
-        run_dir / "absorption.csv",
-        ["method", "seed", *fit_fields, "coefficients"],
-        (
-            [method, seed, *(row[f] for f in fit_fields), json.dumps(row["coefficients"])]
-            for method, per_seed in results.items()
-            for seed, report in per_seed.items()
-            for row in report.absorption
-        ),
-    )
-    write_text(run_dir / "summary.md", _summary_table(metrics))
-    plots = run_dir / "plots"
-    if len(results) > 1:
-        plot_params_vs_accuracy(
-            {
-                method: [
-                    (r.experiences[-1]["trainable_parameters"], r.last_accuracy)
-                    for r in per_seed.values()
-                ]
-                for method, per_seed in results.items()
-            },
-            plots / "params_vs_accuracy.png",
-        )
-    plot_seen_accuracy(
-        {m: [r.seen_class_accuracy for r in s.values()] for m, s in results.items()},
-        plots / "seen_accuracy.png",
-    )
-    for method, per_seed in results.items():
-        seed, report = next(iter(per_seed.items()))
-        plot_accuracy_matrix(
-            report.accuracy_matrix,
-            f"{method} (seed {seed})",
-            plots / f"accuracy_matrix_{method}.png",
-        )
-        if report.gate_trace:
-            plot_gate_trace(
-                report.gate_trace, f"{method} (seed {seed})", plots / f"gate_trace_{method}.png"
-            )
-        if report.experiences and "adapters" in report.experiences[0]:
-            plot_adapters(
-                report.experiences, f"{method} (seed {seed})", plots / f"adapters_{method}.png"
-            )
-
-
-def _cell(statistic: Mapping[str, float], seeds: int, digits: int = 2) -> str:
-    """``mean +- std`` over seeds (just the value for one seed; ``-`` where not applicable)."""
-    mean, std = statistic["mean"], statistic["std"]
-    if np.isnan(mean):
-        return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
-
-
-def _summary_table(metrics: Mapping[str, Any]) -> str:
-    columns = (
-        ("last acc. (%)", "last_accuracy", 2),
-        ("avg. incremental acc. (%)", "average_incremental_accuracy", 2),
-        ("avg. forgetting (%)", "average_forgetting", 2),
-        ("active adapters", "active_adapters", 1),
-        ("trainable params", "trainable_parameters", 0),
-        ("train time (s)", "train_seconds", 1),
-        ("wall time (s)", "wall_seconds", 1),
-    )
-    lines = [
-        "| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |",
-        "|---|---|" + "---|" * len(columns),
-    ]
-    for method, entry in metrics["methods"].items():
-        seeds, summary = len(entry["seeds"]), entry["summary"]
-        cells = [_cell(summary[key], seeds, digits) for _, key, digits in columns]
-        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -21,6 +21,7 @@ from avalanche_sdlora.config import (
     concerns,
     describe_schema,
     load_config,
+    methods_of,
     read_config,
 )
 
@@ -141,7 +142,6 @@ def _fresh_run_dir(default: Path) -> Path:
 
 
 def _plan(config: dict, run_dir: Path) -> str:
-    from avalanche_sdlora.experiment import methods_of
 
     b, t = config["benchmark"], config["training"]
     return "\n".join(
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, problems = _resolve(args)
         from avalanche_sdlora import distributed  # heavy imports after the cheap checks
-        from avalanche_sdlora.experiment import preflight
+        from avalanche_sdlora.preflight import preflight
 
         processes = distributed.launched_processes()
         if not concerns(problems, "experiment", "training.batch_size"):

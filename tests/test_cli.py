@@ -181,8 +181,8 @@ def test_bf16_precision_runs_under_autocast_on_the_cpu(tmp_path, monkeypatch):
 
 
 def test_summary_over_seeds_reports_mean_and_std():
-    from avalanche_sdlora.experiment import _summary, _summary_table
     from avalanche_sdlora.report import summarize_run
+    from avalanche_sdlora.run_folder import summarize_seeds, summary_table
 
     def report(first: float, second: float):
         key = "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{:03d}"
@@ -193,18 +193,18 @@ def test_summary_over_seeds_reports_mean_and_std():
         records = [{"train_seconds": 1.0, "peak_memory_mb": 10.0, "trainable_parameters": 5}] * 2
         return summarize_run(results, records)
 
-    summary = _summary([report(0.8, 0.6), report(0.6, 0.6)])
+    summary = summarize_seeds([report(0.8, 0.6), report(0.6, 0.6)])
     assert summary["last_accuracy"]["mean"] == pytest.approx(65.0)
     assert summary["last_accuracy"]["std"] == pytest.approx(5.0)
     assert summary["train_seconds"]["mean"] == pytest.approx(2.0)
-    table = _summary_table({"methods": {"m": {"summary": summary, "seeds": {"0": 0, "1": 1}}}})
+    table = summary_table({"methods": {"m": {"summary": summary, "seeds": {"0": 0, "1": 1}}}})
     assert "| m | 2 | 65.00 ± 5.00 |" in table
     assert "| - |" in table  # no adapters for a baseline
 
 
 def test_sdlora_variants_and_baseline_seeds(tmp_path, capsys):
-    from avalanche_sdlora.config import load_config
-    from avalanche_sdlora.experiment import _make_strategy, seeds_of
+    from avalanche_sdlora.config import load_config, seeds_of
+    from avalanche_sdlora.experiment import _make_strategy
 
     args = ["--compare", "sdlora_joint,sdlora_plain,naive", "--set", "experiment.seeds=[0,1,2]"]
     args += ["--set", "experiment.baseline_seeds=[0]", "--dry-run"]
