@@ -82,6 +82,9 @@ class LoRAQKV(nn.Module):
     def adapter_rank(self, index: int) -> int:
         return self.lora_A[index].shape[1]
 
+    def _ranks(self, indices: list[int], device: torch.device) -> Tensor:
+        return torch.tensor([self.adapter_rank(i) for i in indices], device=device)
+
     def add_adapter(self, rank: int | None = None) -> None:
         """Append one adapter of ``rank`` (default ``self.rank``): ``A`` Kaiming-uniform, ``B`` zero,
         so the output is unchanged."""
@@ -132,7 +135,7 @@ class LoRAQKV(nn.Module):
     def gram(self, indices: list[int]) -> Tensor:
         """``<B_i^p A_i^p, B_j^p A_j^p>_F`` (P, n, n) in float64, from r x r products only."""
         a, b = (t.detach().double() for t in self.concatenated(indices))
-        ranks = torch.tensor([self.adapter_rank(i) for i in indices], device=a.device)
+        ranks = self._ranks(indices, a.device)
         segments = F.one_hot(
             torch.arange(len(indices), device=a.device).repeat_interleave(ranks), len(indices)
         ).double()  # (R, n): which adapter each rank column belongs to
@@ -155,8 +158,9 @@ class LoRAQKV(nn.Module):
         if bool(normalised.any()):
             norms = self.direction_norms(indices)
             scales = scales / torch.where(normalised[:, None], norms, torch.ones_like(norms))
-        ranks = torch.tensor([self.adapter_rank(i) for i in indices], device=b.device)
-        columns = scales.repeat_interleave(ranks, dim=0, output_size=b.shape[-1])  # (R, P)
+        columns = scales.repeat_interleave(
+            self._ranks(indices, b.device), dim=0, output_size=b.shape[-1]
+        )  # (R, P)
         delta = torch.bmm(b * columns.T[:, None, :], a).reshape(-1, self.in_features)
         return self.weight.index_add(0, self.target_rows, delta.to(self.weight.dtype))
 

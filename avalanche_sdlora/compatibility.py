@@ -1,4 +1,4 @@
-"""Which Avalanche plugins cannot train with SD-LoRA, and why: ``SDLoRA`` refuses them when built.
+"""Which plugins cannot train with SD-LoRA, and why: ``SDLoRA`` refuses them when built.
 
 Every plugin Avalanche 0.6.0 exports was tried on two tiny experiences (README, *Avalanche plugins*);
 those below fail or would silently do something else. The check is made once, on the plugins given
@@ -26,6 +26,9 @@ from avalanche.training.plugins import (
     NCMOracle,
     RARPlugin,
 )
+
+from avalanche_sdlora.model import SDLoRAViT
+from avalanche_sdlora.plugins import KnowledgeDistillationPlugin
 
 __all__ = ["IncompatiblePluginError", "check_plugins"]
 
@@ -60,7 +63,7 @@ REFUSED: dict[type, str] = {
 """Plugins that never compose, with the reason."""
 
 
-def _from_scratch_problem(plugin: FromScratchTrainingPlugin) -> str | None:
+def _from_scratch_problem(plugin: FromScratchTrainingPlugin, model: SDLoRAViT) -> str | None:
     if not plugin.reset_optimizer:
         return None
     return (
@@ -70,7 +73,7 @@ def _from_scratch_problem(plugin: FromScratchTrainingPlugin) -> str | None:
     )
 
 
-def _gem_problem(plugin: GEMPlugin) -> str | None:
+def _gem_problem(plugin: GEMPlugin, model: SDLoRAViT) -> str | None:
     if importlib.util.find_spec("quadprog") is not None:
         return None
     return (
@@ -79,7 +82,7 @@ def _gem_problem(plugin: GEMPlugin) -> str | None:
     )
 
 
-def _generative_replay_problem(plugin: GenerativeReplayPlugin) -> str | None:
+def _generative_replay_problem(plugin: GenerativeReplayPlugin, model: SDLoRAViT) -> str | None:
     if plugin.generator_strategy is not None:
         return None
     return (
@@ -89,16 +92,29 @@ def _generative_replay_problem(plugin: GenerativeReplayPlugin) -> str | None:
     )
 
 
-CONDITIONS: dict[type, Callable[[BasePlugin], str | None]] = {
+def _knowledge_distillation_problem(
+    plugin: KnowledgeDistillationPlugin, model: SDLoRAViT
+) -> str | None:
+    if not model.gate_enabled:
+        return None
+    return (
+        "SD-LoRA-KD is defined for plain SD-LoRA: build the SDLoRAViT with gate=False (with the "
+        "gate on, beta would scale the absorbed contribution)"
+    )
+
+
+CONDITIONS: dict[type, Callable[[BasePlugin, SDLoRAViT], str | None]] = {
     FromScratchTrainingPlugin: _from_scratch_problem,
     GEMPlugin: _gem_problem,
     GenerativeReplayPlugin: _generative_replay_problem,
+    KnowledgeDistillationPlugin: _knowledge_distillation_problem,
 }
-"""Plugins that compose only with some settings or installed packages: what is wrong, or ``None``."""
+"""Plugins that compose only with some settings, installed packages or models: what is wrong, or
+``None``."""
 
 
-def check_plugins(plugins: Sequence[BasePlugin]) -> None:
-    """Raise :class:`IncompatiblePluginError` naming every plugin that cannot train with SD-LoRA."""
+def check_plugins(plugins: Sequence[BasePlugin], model: SDLoRAViT) -> None:
+    """Raise :class:`IncompatiblePluginError` naming every plugin that cannot train ``model``."""
     problems = []
     for plugin in plugins:
         name = type(plugin).__name__
@@ -106,7 +122,7 @@ def check_plugins(plugins: Sequence[BasePlugin]) -> None:
             if isinstance(plugin, kind):
                 problems.append(f"{name}: {reason}")
         for kind, condition in CONDITIONS.items():
-            if isinstance(plugin, kind) and (reason := condition(plugin)) is not None:
+            if isinstance(plugin, kind) and (reason := condition(plugin, model)) is not None:
                 problems.append(f"{name}: {reason}")
     if problems:
         raise IncompatiblePluginError(

@@ -344,15 +344,17 @@ class SDLoRAViT(DynamicModule, BaseModel):
         (default: ``index``).
         """
         self._check_absorbable(index)
+        others = [i for i in self.gate.active_indices if i != index]
         fits = []
         for block, module in zip(self.adapted_blocks, self.qkv_modules, strict=True):
+            gram = module.gram([*others, index])  # the fitted adapter last
             for p, letter in enumerate(module.targets):
-                old = [
-                    i for i in self.gate.active_indices if i != index and not module.absorbed[i, p]
-                ]
-                if not old or module.absorbed[index, p]:
+                kept = [k for k, i in enumerate(others) if not module.absorbed[i, p]]
+                if not kept or module.absorbed[index, p]:
                     continue
-                coefficients, residual = fit_direction(module.gram([*old, index])[p])
+                rows = torch.tensor([*kept, len(others)])
+                coefficients, residual = fit_direction(gram[p][rows][:, rows])
+                old = [others[k] for k in kept]
                 fits.append(
                     DirectionFit(
                         experience=index if experience is None else experience,

@@ -33,7 +33,14 @@ from avalanche_sdlora.plots import (
 )
 from avalanche_sdlora.report import RunReport
 
-__all__ = ["SUMMARY_METRICS", "jsonable", "summarize_seeds", "summary_table", "write_run_folder"]
+__all__ = [
+    "SUMMARY_METRICS",
+    "final_value",
+    "jsonable",
+    "summarize_seeds",
+    "summary_table",
+    "write_run_folder",
+]
 
 SUMMARY_METRICS = (
     "last_accuracy",
@@ -62,22 +69,23 @@ def jsonable(value: Any) -> Any:
     return None
 
 
+def final_value(report: RunReport, key: str) -> float:
+    """One run's figure for a summary metric: totals of time, the maximum of memory, the adapter
+    and parameter counts after the last experience."""
+    if key in ("train_seconds", "wall_seconds"):
+        return float(sum(r.get(key, 0.0) for r in report.experiences))
+    if key == "peak_memory_mb":
+        return float(max(r.get(key, 0.0) for r in report.experiences))
+    if key in ("active_adapters", "trainable_parameters"):
+        return float(report.experiences[-1].get(key, float("nan")))
+    return float(getattr(report, key))
+
+
 def summarize_seeds(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
-    """Mean and std over seeds of every summary metric (totals of time, maxima of memory, final
-    adapter and parameter counts)."""
-
-    def final(report: RunReport, key: str) -> float:
-        if key in ("train_seconds", "wall_seconds"):
-            return float(sum(r.get(key, 0.0) for r in report.experiences))
-        if key == "peak_memory_mb":
-            return float(max(r.get(key, 0.0) for r in report.experiences))
-        if key in ("active_adapters", "trainable_parameters"):
-            return float(report.experiences[-1].get(key, float("nan")))
-        return float(getattr(report, key))
-
+    """Mean and std over seeds of every summary metric (:func:`final_value`)."""
     summary = {}
     for key in SUMMARY_METRICS:
-        values = np.asarray([final(report, key) for report in reports])
+        values = np.asarray([final_value(report, key) for report in reports])
         summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
     return summary
 
@@ -137,7 +145,7 @@ def write_run_folder(
         plot_params_vs_accuracy(
             {
                 method: [
-                    (r.experiences[-1]["trainable_parameters"], r.last_accuracy)
+                    (final_value(r, "trainable_parameters"), r.last_accuracy)
                     for r in per_seed.values()
                 ]
                 for method, per_seed in results.items()

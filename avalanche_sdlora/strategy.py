@@ -30,7 +30,7 @@ from avalanche_sdlora.gate import (
     phase_temperature,
 )
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.plugins import GumbelPruningPlugin, KnowledgeDistillationPlugin
+from avalanche_sdlora.plugins import GumbelPruningPlugin
 from avalanche_sdlora.report import peak_memory_mb
 
 __all__ = ["JOINT_PHASE", "SDLoRA"]
@@ -178,15 +178,7 @@ class SDLoRA(SupervisedTemplate):
         _choice("loss_on", loss_on, LOSS_ON)
 
         plugins = list(plugins or [])
-        check_plugins(plugins)
-        _require(
-            not (
-                model.gate_enabled
-                and any(isinstance(p, KnowledgeDistillationPlugin) for p in plugins)
-            ),
-            "KnowledgeDistillationPlugin (SD-LoRA-KD) is defined for plain SD-LoRA: build the "
-            "SDLoRAViT with gate=False",
-        )
+        check_plugins(plugins, model)
         if pruning and not any(isinstance(p, GumbelPruningPlugin) for p in plugins):
             plugins.insert(0, GumbelPruningPlugin())
         learning_rates = {
