@@ -27,7 +27,7 @@ from avalanche.benchmarks import NCScenario, nc_benchmark
 from avalanche.benchmarks.datasets import default_dataset_location
 from avalanche.benchmarks.utils.utils import as_classification_dataset
 from avalanche.checkpointing import constructor_based_serialization
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data.transforms import str_to_interp_mode
@@ -36,6 +36,28 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR100, ImageFolder
 
 BENCHMARKS = ("split_cifar100", "imagefolder", "digits")
+
+
+def _grayscale(image: Image.Image) -> Image.Image:
+    return ImageOps.grayscale(image).convert("RGB")
+
+
+def _contour(image: Image.Image) -> Image.Image:
+    return ImageOps.grayscale(image).filter(ImageFilter.CONTOUR).convert("RGB")
+
+
+def _invert(image: Image.Image) -> Image.Image:
+    return ImageOps.invert(image)
+
+
+RENDITIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "grayscale": _grayscale,
+    "contour": _contour,
+    "invert": _invert,
+}
+"""Fixed image renditions that shift a stream away from the pretraining images (train and test
+alike, before any augmentation): ``grayscale``; ``contour``, a pencil-sketch line drawing (PIL's
+CONTOUR filter on the grayscale image); ``invert``, the photographic negative."""
 
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -228,7 +250,7 @@ def split_problems(
 
 
 def backbone_transforms(
-    backbone: torch.nn.Module, train_augmentation: bool = True
+    backbone: torch.nn.Module, train_augmentation: bool = True, rendition: str | None = None
 ) -> tuple[Callable, Callable]:
     """``(train_transform, eval_transform)`` on PIL images, from the backbone's timm data config.
 
@@ -238,13 +260,19 @@ def backbone_transforms(
     ``exps/c100.json`` sets it through ``backbone.pretrained_cfg``, as timm's own default for that
     backbone is 0.9). Train: RandomResizedCrop(scale=(0.05, 1)) + horizontal flip, the
     paper's augmentation; without ``train_augmentation`` it is the eval transform. Images are converted
-    to RGB first, so grayscale data (digits) works with any backbone.
+    to RGB first, so grayscale data (digits) works with any backbone, then drawn in ``rendition``
+    (one of :data:`RENDITIONS`) when one is given.
     """
     config = timm.data.resolve_model_data_config(backbone)
     patch_embed = getattr(backbone, "patch_embed", None)
     size = tuple(getattr(patch_embed, "img_size", None) or config["input_size"][-2:])
     interpolation = str_to_interp_mode(config["interpolation"])
-    to_rgb = transforms.Lambda(methodcaller("convert", "RGB"))
+    to_rgb = transforms.Compose(
+        [
+            transforms.Lambda(methodcaller("convert", "RGB")),
+            *([transforms.Lambda(RENDITIONS[rendition])] if rendition else []),
+        ]
+    )
     to_tensor = [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]
     eval_transform = transforms.Compose(
         [
@@ -309,6 +337,27 @@ def _select(
     return np.sort(np.concatenate(chosen)).tolist()
 
 
+def _validation_split(
+    targets: Sequence[int], classes: Sequence[int], per_class: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """``(train, validation)`` indices of ``classes``: ``per_class`` samples of each class (seeded
+    draw) are held out; the rest train. Raises when a class would have no training sample left."""
+    targets = np.asarray(targets)
+    rng = np.random.RandomState(seed)
+    train, held_out = [], []
+    for c in classes:
+        indices = np.flatnonzero(targets == c)
+        if len(indices) <= per_class:
+            raise ValueError(
+                f"benchmark.validation_per_class: class {c} has {len(indices)} training samples, "
+                f"so holding out {per_class} leaves none to train on"
+            )
+        chosen = rng.choice(indices, per_class, replace=False)
+        held_out.append(chosen)
+        train.append(np.setdiff1d(indices, chosen))
+    return np.sort(np.concatenate(train)).tolist(), np.sort(np.concatenate(held_out)).tolist()
+
+
 def make_benchmark(
     name: str,
     *,
@@ -319,6 +368,7 @@ def make_benchmark(
     eval_transform: Callable,
     num_classes: int | None = None,
     train_per_class: int | None = None,
+    validation_per_class: int | None = None,
     seed: int = 0,
 ) -> NCScenario:
     """A class-incremental Avalanche benchmark (no task labels) over ``order[:num_classes]``.
@@ -326,7 +376,9 @@ def make_benchmark(
     ``order`` is the full class order (a permutation of the dataset's classes, see ``class_order``);
     the first ``num_classes`` of them (default: all) are split into ``n_experiences`` equal experiences.
     ``train_per_class`` keeps at most that many training samples per class (seeded draw); the test sets
-    are kept whole. Labels are positions in ``order`` (see the module docstring). ``train_transform``
+    are kept whole. ``validation_per_class`` holds that many training samples of each class out
+    (seeded draw, before ``train_per_class``) and makes them the test stream in place of the test
+    set: settings are chosen on it, never on test images. Labels are positions in ``order`` (see the module docstring). ``train_transform``
     and ``eval_transform`` are Avalanche's ``train``/``eval`` transform groups (``dataset.train()`` /
     ``.eval()``), applied to PIL images.
 
@@ -350,11 +402,20 @@ def make_benchmark(
     if problems:
         raise ValueError("; ".join(problems))
     classes = order[:num_classes]  # None: all
+    if validation_per_class is None:
+        train_indices = _select(train.targets, classes, None, seed)
+        test_indices = _select(test.targets, classes, None, seed)
+    else:
+        train_indices, test_indices = _validation_split(
+            train.targets, classes, validation_per_class, seed
+        )
+        test = train
+    if train_per_class is not None:
+        kept = _select(np.asarray(train.targets)[train_indices], classes, train_per_class, seed)
+        train_indices = np.asarray(train_indices)[kept].tolist()
     return nc_benchmark(
-        as_classification_dataset(train).subset(
-            _select(train.targets, classes, train_per_class, seed)
-        ),
-        as_classification_dataset(test).subset(_select(test.targets, classes, None, seed)),
+        as_classification_dataset(train).subset(train_indices),
+        as_classification_dataset(test).subset(test_indices),
         n_experiences=n_experiences,
         task_labels=False,
         shuffle=False,

@@ -46,6 +46,7 @@ SDLORA_VARIANTS: dict[str, dict[str, bool]] = {
     RANDOM_CONTROL: {},  # trains like sdlora; its pruning is chosen at random
     "sdlora_rr": {"gate": False, "rank_reduction": True},  # SD-LoRA-RR: later adapters smaller
     "sdlora_kd": {"gate": False, "knowledge_distillation": True},  # SD-LoRA-KD: absorption
+    "head_only": {"gate": False, "adapters": False},  # the control: only the head trains
 }
 """SD-LoRA methods: the ``sdlora`` section with these settings overridden."""
 METHODS = (*SDLORA_VARIANTS, *BASELINES)
@@ -229,6 +230,22 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             nullable=True,
             check=_at_least(1),
         ),
+        "validation_per_class": Setting(
+            None,
+            (int,),
+            "hold out N training images per class as the test stream (choose settings on it, "
+            "never on test images)",
+            nullable=True,
+            check=_at_least(1),
+        ),
+        "rendition": Setting(
+            None,
+            (str,),
+            "redraw every image (train and test) as grayscale, contour (a line drawing) or invert "
+            "(the negative): a stream further from the pretraining images",
+            nullable=True,
+            choices=("grayscale", "contour", "invert"),
+        ),
         "train_augmentation": Setting(True, (bool,), "random resized crop + flip in training"),
         "download": Setting(
             False,
@@ -286,6 +303,11 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "indices of the blocks with adapters (null: all)",
             nullable=True,
             check=_int_list,
+        ),
+        "adapters": Setting(
+            True,
+            (bool,),
+            "add one adapter per experience (false: only the head trains, the head_only control)",
         ),
         "gate": Setting(True, (bool,), "Gumbel-Sparsemax gate (false: plain SD-LoRA)"),
         "two_phase": Setting(True, (bool,), "selection then new task (false: one joint phase)"),

@@ -72,7 +72,9 @@ def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
         settings["class_order_seed"],
         settings["class_order"],
     )
-    train_transform, eval_transform = backbone_transforms(backbone, settings["train_augmentation"])
+    train_transform, eval_transform = backbone_transforms(
+        backbone, settings["train_augmentation"], settings["rendition"]
+    )
     return make_benchmark(
         settings["name"],
         root=settings["root"],
@@ -82,6 +84,7 @@ def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
         eval_transform=eval_transform,
         num_classes=settings["num_classes"],
         train_per_class=settings["train_per_class"],
+        validation_per_class=settings["validation_per_class"],
     )
 
 
@@ -138,6 +141,7 @@ def _make_strategy(
         else None,
         targets=s["targets"],
         blocks=s["blocks"],
+        adapters=s["adapters"],
         gate=s["gate"],
         init_logit=s["init_logit"],
         alpha_init=s["alpha_init"],
@@ -145,7 +149,8 @@ def _make_strategy(
     )
     if shared:  # every rank draws the same Gumbel noise (the global stream is per rank)
         model.generator = torch.Generator().manual_seed(seed)
-    plugins.append(GateTracePlugin())
+    if s["adapters"]:
+        plugins.append(GateTracePlugin())
     if s["pruning"]:
         pruner = {"rule": s["prune_rule"], "num_samples": s["num_samples"], "seed": seed}
         if method == RANDOM_CONTROL:

@@ -102,6 +102,8 @@ class SDLoRAViT(DynamicModule, BaseModel):
             adapters of experiences 4-7 (0-based) rank 8 and those from experience 8 on rank 6.
         targets: the slices of ``qkv`` that get adapters, letters from ``"qkv"``.
         blocks: indices of the blocks that get adapters; ``None`` for all.
+        adapters: ``False`` adds no adapter when an experience starts, so only the head trains: the
+            head-only control of every study.
         gate: ``True`` for the Gumbel-Sparsemax gate; ``False`` is plain SD-LoRA (every beta 1).
         init_logit, alpha_init, tau_final: see :class:`~avalanche_sdlora.gate.GumbelGate`.
         initial_classes: size of the head before the first experience.
@@ -115,6 +117,7 @@ class SDLoRAViT(DynamicModule, BaseModel):
         rank_schedule: Mapping[int, int] | None = None,
         targets: str = "qv",
         blocks: Iterable[int] | None = None,
+        adapters: bool = True,
         gate: bool = True,
         init_logit: float = 0.0,
         alpha_init: float = 1.0,
@@ -139,6 +142,7 @@ class SDLoRAViT(DynamicModule, BaseModel):
         self.rank_schedule = rank_schedule
         self.targets = "".join(letter for letter in QKV_LETTERS if letter in targets)
         self.adapted_blocks = adapted_blocks
+        self.adds_adapters = bool(adapters)
         self.gate_enabled = bool(gate)
         self.gate = GumbelGate(init_logit=init_logit, alpha_init=alpha_init, tau_final=tau_final)
         self.head = IncrementalClassifier(
@@ -184,14 +188,16 @@ class SDLoRAViT(DynamicModule, BaseModel):
         return reached[-1] if reached else self.rank
 
     def adaptation(self, experience: CLExperience) -> None:
-        """Avalanche's hook: one new adapter per training experience; the head grows to its classes.
+        """Avalanche's hook: one new adapter per training experience (none without ``adapters``);
+        the head grows to its classes.
 
         A plugin that adapts the model again within the same experience (GDumb does) adds nothing;
         experiences are told apart by ``current_experience`` (without one, every call adds). The
         adapter's rank follows ``rank_schedule`` by that index (without one, by the adapter count).
         """
         key = getattr(experience, "current_experience", None)
-        if self.training and (key is None or key != self._adapted_experience):
+        new_experience = key is None or key != self._adapted_experience
+        if self.adds_adapters and self.training and new_experience:
             self.add_adapter(None if key is None else self.rank_for(key))
             self._adapted_experience = key
         self.head.adaptation(experience)

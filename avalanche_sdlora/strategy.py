@@ -374,7 +374,7 @@ class SDLoRA(SupervisedTemplate):
         model: SDLoRAViT = self.model
         if model.gate_enabled and self.phase in (1, JOINT_PHASE) and self.lambda_sparsity > 0:
             loss = loss + self.lambda_sparsity * SPARSITY[self.sparsity](model.last_beta)
-        if self.phase in (2, JOINT_PHASE) and self.lambda_alpha > 0:
+        if self.phase in (2, JOINT_PHASE) and self.lambda_alpha > 0 and model.gate.active_indices:
             alphas = model.gate.alpha_vector()[model.gate.active_indices]
             loss = loss + self.lambda_alpha * alphas.square().sum()
         return loss

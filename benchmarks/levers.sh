@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Screening of the levers that could make SD-LoRA's adapters pay on the study's stream (issue
+# "Adapters must matter"). Every probe: validation split (50 training images per class held out; no
+# test image is read), the first 30 classes in 3 experiences, seed 0, plain SD-LoRA against the
+# head-only control at the same settings. Two queues run at once, one thread each.
+# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a or b; default both)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${1:?usage: bash $0 DATA_ROOT (the cl/ split of Tiny-ImageNet) [a|b]}
+OUT=${OUT:-runs/levers}
+
+probe() {  # probe NAME [--set ...]
+  local name=$1; shift
+  [ -f "$OUT/$name/metrics.json" ] && return 0
+  local resume=()
+  [ -d "$OUT/$name" ] && resume=(--resume "$OUT/$name")
+  if [ ${#resume[@]} -gt 0 ]; then "$PY" -m avalanche_sdlora.run "${resume[@]}"; return; fi
+  "$PY" -m avalanche_sdlora.run --config exps/tiny_imagenet.json --output "$OUT/$name" \
+    --set benchmark.root="$DATA" --set benchmark.validation_per_class=50 \
+    --set benchmark.num_classes=30 --set benchmark.n_experiences=3 \
+    --set experiment.strategy=sdlora_plain --set experiment.compare=head_only \
+    --set experiment.seeds=[0] --set experiment.workers=1 --set experiment.threads=1 "$@" \
+    > "$OUT/$name.log" 2>&1
+}
+
+ADAM=(--set sdlora.optimizer=adam --set sdlora.lr=3e-3 --set sdlora.head_lr=1e-3 --set sdlora.alpha_lr=1e-2)
+SGD01=(--set sdlora.lr=0.1 --set sdlora.head_lr=0.01)
+
+queue_a() {
+  probe sgd-0.01
+  probe sgd-0.1 "${SGD01[@]}"
+  probe adam-3e-3 "${ADAM[@]}"
+  probe sgd-0.1-6ep "${SGD01[@]}" --set training.epochs=6
+}
+queue_b() {
+  probe invert-sgd-0.01 --set benchmark.rendition=invert
+  probe contour-sgd-0.01 --set benchmark.rendition=contour
+  probe invert-sgd-0.1 --set benchmark.rendition=invert "${SGD01[@]}"
+  probe invert-adam-3e-3 --set benchmark.rendition=invert "${ADAM[@]}"
+}
+
+mkdir -p "$OUT"
+case "${2:-both}" in
+  a) queue_a ;;
+  b) queue_b ;;
+  *) queue_a & queue_b & wait ;;
+esac
+"$PY" benchmarks/lever_table.py "$OUT"/*/metrics.json > "$OUT/table.md"
+cat "$OUT/table.md"
