@@ -7,9 +7,9 @@ CONFIG ?= exps/demo.json
 
 .PHONY: run test lint format benchmark clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,runner]'
 	touch $(STAMP)
 
 run: $(STAMP)

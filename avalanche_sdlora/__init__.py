@@ -1,11 +1,20 @@
-"""SD-LoRA with a Gumbel-Sparsemax adapter gate, as an Avalanche continual-learning strategy."""
+"""SD-LoRA with a Gumbel-Sparsemax adapter gate, as an Avalanche continual-learning strategy.
 
-from avalanche_sdlora import _compat  # noqa: F401  (fixes checkpoint pickling on import)
-from avalanche_sdlora.compatibility import IncompatiblePluginError
-from avalanche_sdlora.gate import GumbelGate
-from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.plugins import GumbelPruningPlugin, KnowledgeDistillationPlugin
-from avalanche_sdlora.strategy import SDLoRA
+The method lives in this package's modules; the experiment runner (config, CLI, data streams,
+baselines, outputs) in :mod:`avalanche_sdlora.runner`, which the method never imports. Importing
+either changes no global state.
+"""
+
+import warnings
+
+with warnings.catch_warnings():
+    # qpsolvers, which Avalanche imports for GEM, warns "no QP solver found"; nothing here solves a QP
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+    from avalanche_sdlora.compatibility import IncompatiblePluginError
+    from avalanche_sdlora.gate import GumbelGate
+    from avalanche_sdlora.model import SDLoRAViT
+    from avalanche_sdlora.plugins import GumbelPruningPlugin, KnowledgeDistillationPlugin
+    from avalanche_sdlora.strategy import SDLoRA
 
 __all__ = [
     "GumbelGate",

@@ -25,6 +25,13 @@ __all__ = ["QKV_LETTERS", "LoRAQKV", "direction_norms"]
 QKV_LETTERS = "qkv"
 
 
+def targets_problem(targets: str) -> str | None:
+    """What is wrong with ``targets``, the slices of ``qkv`` that get adapters (``None``: fine)."""
+    if not targets or set(targets) - set(QKV_LETTERS) or len(set(targets)) != len(targets):
+        return "must be distinct letters from 'q', 'k', 'v' (e.g. 'qv')"
+    return None
+
+
 def direction_norms(a: Tensor, b: Tensor) -> Tensor:
     """``||B A||_F`` over the last two dimensions, from ``sum((B^T B) * (A A^T))`` (r x r work only).
 

@@ -1,6 +1,6 @@
 """Which plugins cannot train with SD-LoRA, and why: ``SDLoRA`` refuses them when built.
 
-Every plugin Avalanche 0.6.0 exports was tried on two tiny experiences (README, *Avalanche plugins*);
+Every plugin Avalanche 0.6.0 exports was tried on two tiny experiences (docs/plugins.md);
 those below fail or would silently do something else. The check is made once, on the plugins given
 to the constructor.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 
-from avalanche.core import BasePlugin
+from avalanche.core import BasePlugin, SupervisedPlugin
 from avalanche.training.plugins import (
     BiCPlugin,
     CoPEPlugin,
     CurrentDataFeCAMUpdate,
     CurrentDataNCMUpdate,
     CWRStarPlugin,
+    EarlyStoppingPlugin,
     FeCAMOracle,
     FromScratchTrainingPlugin,
     GEMPlugin,
@@ -25,12 +26,13 @@ from avalanche.training.plugins import (
     MemoryNCMUpdate,
     NCMOracle,
     RARPlugin,
+    RWalkPlugin,
 )
 
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.plugins import KnowledgeDistillationPlugin
 
-__all__ = ["IncompatiblePluginError", "check_plugins"]
+__all__ = ["PHASE_RESTARTS", "IncompatiblePluginError", "PhaseRestarts", "check_plugins"]
 
 
 class IncompatiblePluginError(ValueError):
@@ -128,3 +130,39 @@ def check_plugins(plugins: Sequence[BasePlugin], model: SDLoRAViT) -> None:
         raise IncompatiblePluginError(
             "SDLoRA cannot train with these plugins:\n" + "\n".join(f"  - {p}" for p in problems)
         )
+
+
+def _restart_early_stopping(plugin: EarlyStoppingPlugin, strategy) -> None:
+    plugin.before_training_exp(strategy)  # patience restarts with each phase
+
+
+def _refresh_rwalk_snapshot(plugin: RWalkPlugin, strategy) -> None:
+    if strategy.clock.train_exp_epochs == 0:  # the first phase: the snapshot misses the new adapter
+        plugin.before_training(strategy)
+
+
+PHASE_RESTARTS: dict[type, Callable[[BasePlugin, object], None]] = {
+    EarlyStoppingPlugin: _restart_early_stopping,
+    RWalkPlugin: _refresh_rwalk_snapshot,
+}
+"""Avalanche plugins whose per-experience state must follow SD-LoRA's phases: what to do when a
+phase starts."""
+
+
+class PhaseRestarts(SupervisedPlugin, supports_distributed=True):
+    """Hands SD-LoRA's ``before_training_phase`` event to the Avalanche plugins that know only
+    experiences (:data:`PHASE_RESTARTS`): EarlyStopping's patience restarts with each phase, and
+    RWalk's parameter snapshot is taken again once the experience's adapter exists."""
+
+    def __init__(self, plugins: Sequence[BasePlugin]):
+        super().__init__()
+        self.targets = [
+            (plugin, restart)
+            for plugin in plugins
+            for kind, restart in PHASE_RESTARTS.items()
+            if isinstance(plugin, kind)
+        ]
+
+    def before_training_phase(self, strategy, **kwargs) -> None:
+        for plugin, restart in self.targets:
+            restart(plugin, strategy)

@@ -127,8 +127,10 @@ def init_process_group(device: str) -> None:
 
 
 def leave_process_group() -> None:
-    """Close the process group (torch warns at exit about one left open)."""
+    """Close the process group (torch warns at exit about one left open) and give Avalanche's
+    loaders back torch's ``DistributedSampler``."""
     dist.destroy_process_group()
+    data_loader.DistributedSampler = DistributedSampler
 
 
 def _seed(*entropy: int) -> int:

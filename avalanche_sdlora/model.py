@@ -7,6 +7,7 @@ experience and a linear head over every class seen so far.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -14,8 +15,9 @@ from avalanche.benchmarks import CLExperience
 from avalanche.models import BaseModel, DynamicModule, IncrementalClassifier
 from torch import Tensor, nn
 
+from avalanche_sdlora import adapter_files
 from avalanche_sdlora.absorption import DirectionFit, fit_direction
-from avalanche_sdlora.adapters import QKV_LETTERS, LoRAQKV, direction_norms
+from avalanche_sdlora.adapters import QKV_LETTERS, LoRAQKV, direction_norms, targets_problem
 from avalanche_sdlora.gate import GumbelGate
 
 __all__ = ["SDLoRAViT"]
@@ -43,11 +45,8 @@ def _check_backbone(backbone: nn.Module) -> None:
 def _check_targets(targets: str) -> str:
     if not isinstance(targets, str):
         raise TypeError(f"targets must be a string of letters from 'qkv', got {targets!r}")
-    unknown = sorted(set(targets) - set(QKV_LETTERS))
-    if unknown or not targets or len(set(targets)) != len(targets):
-        raise ValueError(
-            f"targets must be distinct letters from 'q', 'k', 'v' (e.g. 'qv'), got {targets!r}"
-        )
+    if (problem := targets_problem(targets)) is not None:
+        raise ValueError(f"targets {problem}, got {targets!r}")
     return targets
 
 
@@ -420,20 +419,17 @@ class SDLoRAViT(DynamicModule, BaseModel):
             return (~self.gate.pruned).to(torch.float32)
         return self.gate.beta(noise, self.generator)
 
-    def _adapter_coefficients(self) -> Tensor:
-        """``beta_i * alpha_i`` of the active adapters.
-
-        A training step (training mode, autograd recording) draws its Gumbel sample; anything else,
-        such as a frozen copy run under ``no_grad`` (LwF's teacher), sees the deterministic gate.
-        """
+    def _adapter_terms(self, noise: bool) -> tuple[list[int], Tensor, Tensor]:
+        """The active adapters, their ``beta_i * alpha_i`` (with one Gumbel sample if ``noise``) and
+        which of them are consolidated (their directions normalised)."""
         active = self.gate.active_indices
+        normalised = self.consolidated[active]
         if not active:
-            return self.gate.pruned.new_zeros(0, dtype=torch.float32)
-        noise = self.training and torch.is_grad_enabled()
+            return active, self.gate.pruned.new_zeros(0, dtype=torch.float32), normalised
         beta = self.beta(noise=noise)
         if noise:
             self.last_beta = beta
-        return beta[active] * self.gate.alpha_vector()[active]
+        return active, beta[active] * self.gate.alpha_vector()[active], normalised
 
     def _configure_adapters(self) -> None:
         """Hand each ``qkv`` its adapters for this forward, or the cached merge in evaluation."""
@@ -441,9 +437,10 @@ class SDLoRAViT(DynamicModule, BaseModel):
         if merging and self._merge_is_current():
             return
         self._drop_merge()
-        active = self.gate.active_indices
-        coefficients = self._adapter_coefficients()
-        normalised = self.consolidated[active]
+        # A training step (training mode, autograd recording) draws its Gumbel sample; anything else,
+        # such as a frozen copy run under ``no_grad`` (LwF's teacher), sees the deterministic gate.
+        noise = self.training and torch.is_grad_enabled()
+        active, coefficients, normalised = self._adapter_terms(noise)
         for module in self.qkv_modules:
             module.active, module.coefficients, module.normalised = active, coefficients, normalised
             if merging:  # detached: a plain tensor attribute, never a registered Parameter
@@ -507,6 +504,39 @@ class SDLoRAViT(DynamicModule, BaseModel):
         return self.head(self.features)
 
     # --------------------------------------------------------------- persistence
+
+    def save_adapters(self, path: str | os.PathLike) -> None:
+        """Write what the method learned, not the frozen backbone, to one safetensors file.
+
+        It holds every adapter (A and B at its own rank), the corrections and absorbed flags of
+        absorption, the gate, the ``consolidated`` flags and the head, with the metadata that
+        :meth:`load_adapters` needs (format: :mod:`avalanche_sdlora.adapter_files`).
+        """
+        adapter_files.save_adapters(self, path)
+
+    def load_adapters(self, path: str | os.PathLike) -> None:
+        """Restore a :meth:`save_adapters` file into this model, built on the same backbone with the
+        same targets and blocks (any rank): it then computes what the saved model computed.
+
+        The saved settings (``rank``, ``rank_schedule``, gate on/off, ``tau_final``, the training
+        temperature, ``adds_adapters``) replace the model's. Raises ``ValueError`` for a file that is
+        not an adapter file or does not fit the model.
+        """
+        adapter_files.load_adapters(self, path)
+
+    def merge_and_unload(self) -> nn.Module:
+        """A plain copy of the backbone (a timm ``VisionTransformer``) that computes this model's
+        evaluation output without any adapter module; the model itself is left unchanged.
+
+        Every adapted ``attn.qkv`` becomes an ``nn.Linear`` holding the merged weight of evaluation
+        (deterministic gate ``sparsemax(l / tau_final)``, consolidated directions normalised), and
+        ``head`` an ``nn.Linear`` (``num_classes`` set to match) over the head's units up to the last
+        trained class, so output j is still class j. There it equals the model's output; a unit in
+        that range never trained outputs the head's mask value (-1000), as in the model; the units
+        past the last trained class (grown by an evaluation on future classes) are dropped. Its
+        parameters are frozen, like the backbone's. Raises ``ValueError`` before any class trained.
+        """
+        return adapter_files.merge_and_unload(self)
 
     def __getstate__(self) -> dict:
         """Drop the per-forward state: ``last_beta`` holds a graph; the merge is rebuilt on demand."""

@@ -9,20 +9,23 @@ trains the new adapter, every active alpha and the head with the logits frozen; 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from avalanche.core import BasePlugin
 from avalanche.distributed import DistributedHelper
-from avalanche.training.plugins import EarlyStoppingPlugin, EvaluationPlugin, RWalkPlugin
-from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.utils import trigger_plugins
 from torch import Tensor, nn
 
-from avalanche_sdlora.compatibility import check_plugins
+from avalanche_sdlora.compatibility import PhaseRestarts, check_plugins
 from avalanche_sdlora.gate import (
     annealed_temperature,
     entropy_sparsity,
@@ -31,79 +34,59 @@ from avalanche_sdlora.gate import (
 )
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.plugins import GumbelPruningPlugin
-from avalanche_sdlora.report import peak_memory_mb
+from avalanche_sdlora.settings import OPTIMIZERS, OptimizerFactory, SDLoRASettings
 
-__all__ = ["JOINT_PHASE", "SDLoRA"]
+__all__ = ["JOINT_PHASE", "SDLoRA", "peak_memory_mb"]
 
 JOINT_PHASE = 0
 """``strategy.phase`` of the single phase used with the gate off or ``two_phase=False``."""
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-}
 SPARSITY = {"gini": gini_sparsity, "entropy": entropy_sparsity}
-LOSS_ON = ("current", "seen")
-GUMBEL_SCHEDULES = ("phase", "step")
 PARAMETER_ROLES = ("adapters", "alphas", "logits", "head")
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    _require(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
-    return value
+def _build(
+    optimizer: str | OptimizerFactory, groups: list[dict], settings: SDLoRASettings
+) -> torch.optim.Optimizer:
+    """An optimizer over ``groups``: a named ``torch.optim`` class (SGD with the settings' momentum)
+    or the user's factory."""
+    if callable(optimizer):
+        return optimizer(groups)
+    extra = {"momentum": settings.momentum} if optimizer == "sgd" else {}
+    return OPTIMIZERS[optimizer](groups, lr=groups[0]["lr"], **extra)
 
 
 class SDLoRA(SupervisedTemplate):
     """SD-LoRA with a Gumbel-Sparsemax adapter gate, used like any Avalanche strategy.
 
-    The template's arguments keep their meaning (``eval_mb_size`` defaults to ``train_mb_size``).
-    The method's own settings default to the seed's values, except where docs/METHOD.md says why not:
-
-    Args:
-        lr: learning rate of the new adapter's A and B (and of the head unless ``head_lr``).
-        alpha_lr: learning rate of the magnitudes.
-        gate_lr: learning rate of the gate logits.
-        head_lr: learning rate of the head; ``None`` uses ``lr``.
-        optimizer: ``"sgd"`` (with ``momentum``), ``"adam"`` or ``"adamw"``; ``weight_decay`` applies
-            to the adapters and the head (alphas have ``lambda_alpha``, logits none).
-        gate_optimizer: ``None`` trains the logits in ``optimizer`` (their own group, ``gate_lr``);
-            ``"sgd"``, ``"adam"`` or ``"adamw"`` gives them an optimizer of their own
-            (``strategy.gate_optimizer``), stepped with the main one.
-        phase1_fraction: share of ``train_epochs`` spent in phase 1: ``floor(f * epochs)``, at least 1
-            when ``train_epochs >= 2``.
-        gumbel_schedule: ``"phase"``: the temperature anneals geometrically from ``tau_init`` to
-            ``tau_final`` over phase 1 (in a joint phase: over ``phase1_fraction`` of its steps) and
-            stays at ``tau_final`` after, whatever the number of steps; ``"step"``: the seed's
-            ``tau_final + (tau_init - tau_final) * gumbel_anneal_rate ** step`` over both phases.
-            Either restarts each experience.
-        gumbel_tau_init, gumbel_tau_final, gumbel_anneal_rate: the schedule's settings.
-            ``gumbel_tau_final`` is also written to the model's gate as its evaluation temperature.
-        lambda_sparsity, sparsity: weight and form (``"gini"`` or ``"entropy"``) of the phase-1
-            sparsity regulariser on beta.
-        lambda_alpha: weight of the phase-2 ``sum_i alpha_i^2``.
-        loss_on: ``"current"``: training cross-entropy over the current experience's classes (plus
-            the classes of any replayed sample in the batch); ``"seen"``: over every class seen.
-        pruning: add a default :class:`GumbelPruningPlugin` unless ``plugins`` holds one.
-        two_phase: ``False`` trains logits, alphas and the new adapter jointly in one phase.
-        protect_new_adapter: when the new adapter starts training (phase 2, or the joint phase), its
-            logit is raised to the highest active logit, so it is selected at least as often as the
-            best old adapter and cannot be starved by a phase 1 that judged it at its zero init.
+    Settings (:class:`~avalanche_sdlora.settings.SDLoRASettings`: each one's default, meaning
+    and check) are keyword arguments, e.g. ``SDLoRA(model=model, lr=0.01, gate_lr=0.05)``, or a
+    ready ``settings=SDLoRASettings(...)`` that keyword arguments override. Every other keyword
+    argument goes to Avalanche's ``SupervisedTemplate`` (``device``, ``evaluator``,
+    ``eval_every``, ...) with its meaning there; ``eval_mb_size`` defaults to ``train_mb_size``.
+    ``optimizer`` names a ``torch.optim`` class (``"sgd"``, ``"adam"``, ``"adamw"``) or is a
+    factory called with the parameter groups, e.g. ``functools.partial(torch.optim.SGD,
+    momentum=0.5)``.
 
     One optimizer lives as long as the strategy (``strategy.optimizer``), with four parameter groups
-    (adapters, alphas, logits, head); each phase refills the groups with its trainable tensors and
-    clears the optimizer state, i.e. a fresh optimizer per phase. A learning-rate scheduler built on
-    ``strategy.optimizer`` therefore follows whichever phase runs: add it after construction,
-    ``strategy.plugins.append(LRSchedulerPlugin(StepLR(strategy.optimizer, ...)))``; its epochs count
-    across both phases and restart each experience. An ``EarlyStoppingPlugin`` acts per phase: stopping
-    ends the running phase (phase 2 still trains the new adapter) and its patience restarts with each.
+    (adapters, alphas, logits, head), each with its own learning rate; each phase refills the groups
+    with its trainable tensors and clears the optimizer state, i.e. a fresh optimizer per phase. A
+    learning-rate scheduler built on ``strategy.optimizer`` therefore follows whichever phase runs:
+    add it after construction, ``strategy.plugins.append(LRSchedulerPlugin(StepLR(strategy.optimizer,
+    ...)))``; its epochs count across both phases and restart each experience.
 
-    Plugins that cannot train with SD-LoRA (README, *Avalanche plugins*) raise
+    Each phase fires the plugin events ``before_training_phase`` and ``after_training_phase``
+    (``strategy.phase`` tells which). Avalanche plugins that know only experiences are told through
+    :class:`~avalanche_sdlora.compatibility.PhaseRestarts`: an ``EarlyStoppingPlugin`` acts per phase
+    (stopping ends the running phase; its patience restarts with each) and RWalk's snapshot includes
+    the experience's adapter. Plugins that cannot train with SD-LoRA (docs/plugins.md) raise
     :class:`~avalanche_sdlora.compatibility.IncompatiblePluginError` here, naming the reason.
     """
 
@@ -111,119 +94,49 @@ class SDLoRA(SupervisedTemplate):
         self,
         *,
         model: SDLoRAViT,
+        settings: SDLoRASettings | None = None,
         criterion: nn.Module | None = None,
         train_mb_size: int = 128,
         train_epochs: int = 20,
         eval_mb_size: int | None = None,
-        device: str | torch.device = "cpu",
         plugins: Sequence[BasePlugin] | None = None,
-        evaluator: EvaluationPlugin | Callable[[], EvaluationPlugin] = default_evaluator,
-        eval_every: int = -1,
-        peval_mode: str = "epoch",
-        lr: float = 8e-3,
-        alpha_lr: float = 0.04,
-        gate_lr: float = 0.05,
-        head_lr: float | None = None,
-        optimizer: str = "sgd",
-        gate_optimizer: str | None = "adam",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        phase1_fraction: float = 0.6,
-        gumbel_schedule: str = "phase",
-        gumbel_tau_init: float = 5.0,
-        gumbel_tau_final: float = 0.5,
-        gumbel_anneal_rate: float = 0.999,
-        lambda_sparsity: float = 0.1,
-        sparsity: str = "gini",
-        lambda_alpha: float = 1e-4,
-        loss_on: str = "current",
-        pruning: bool = True,
-        two_phase: bool = True,
-        protect_new_adapter: bool = True,
+        **kwargs: Any,
     ):
         if not isinstance(model, SDLoRAViT):
             raise TypeError(f"SDLoRA trains an SDLoRAViT, got {type(model).__name__}")
         for name, value in (("train_mb_size", train_mb_size), ("train_epochs", train_epochs)):
-            _require(
-                isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}"
-            )
-        _require(
-            eval_mb_size is None or (isinstance(eval_mb_size, int) and eval_mb_size >= 1),
-            f"eval_mb_size must be an int >= 1 or None, got {eval_mb_size!r}",
-        )
-        for name, value in (("lr", lr), ("alpha_lr", alpha_lr), ("gate_lr", gate_lr)):
-            _require(value > 0, f"{name} must be > 0, got {value}")
-        _require(head_lr is None or head_lr > 0, f"head_lr must be > 0 or None, got {head_lr}")
-        _choice("optimizer", optimizer, list(OPTIMIZERS))
-        if gate_optimizer is not None:
-            _choice("gate_optimizer", gate_optimizer, list(OPTIMIZERS))
-        _choice("gumbel_schedule", gumbel_schedule, GUMBEL_SCHEDULES)
-        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        _require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-        _require(
-            0 < phase1_fraction < 1, f"phase1_fraction must be in (0, 1), got {phase1_fraction}"
-        )
-        _require(gumbel_tau_final > 0, f"gumbel_tau_final must be > 0, got {gumbel_tau_final}")
-        _require(
-            gumbel_tau_init >= gumbel_tau_final,
-            f"gumbel_tau_init ({gumbel_tau_init}) must be >= gumbel_tau_final ({gumbel_tau_final})",
-        )
-        _require(
-            0 < gumbel_anneal_rate <= 1,
-            f"gumbel_anneal_rate must be in (0, 1], got {gumbel_anneal_rate}",
-        )
-        _require(lambda_sparsity >= 0, f"lambda_sparsity must be >= 0, got {lambda_sparsity}")
-        _require(lambda_alpha >= 0, f"lambda_alpha must be >= 0, got {lambda_alpha}")
-        _choice("sparsity", sparsity, list(SPARSITY))
-        _choice("loss_on", loss_on, LOSS_ON)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (eval_mb_size is None or (isinstance(eval_mb_size, int) and eval_mb_size >= 1)):
+            raise ValueError(f"eval_mb_size must be an int >= 1 or None, got {eval_mb_size!r}")
+        chosen = {name: kwargs.pop(name) for name in SDLoRASettings.names() if name in kwargs}
+        self.settings = dataclasses.replace(settings or SDLoRASettings(), **chosen)
+        """The method's settings (read-only)."""
 
         plugins = list(plugins or [])
         check_plugins(plugins, model)
-        if pruning and not any(isinstance(p, GumbelPruningPlugin) for p in plugins):
+        if self.settings.pruning and not any(isinstance(p, GumbelPruningPlugin) for p in plugins):
             plugins.insert(0, GumbelPruningPlugin())
-        learning_rates = {
-            "adapters": lr,
-            "alphas": alpha_lr,
-            "logits": gate_lr,
-            "head": lr if head_lr is None else head_lr,
-        }
-        decay = {"adapters": weight_decay, "alphas": 0.0, "logits": 0.0, "head": weight_decay}
-        extra = {"momentum": momentum} if optimizer == "sgd" else {}
-        groups = [
-            {"params": [], "name": role, "lr": learning_rates[role], "weight_decay": decay[role]}
-            for role in PARAMETER_ROLES
-        ]
+        phase_restarts = PhaseRestarts(plugins)
+        if phase_restarts.targets:
+            plugins.append(phase_restarts)
         super().__init__(
             model=model,
-            optimizer=OPTIMIZERS[optimizer](groups, lr=lr, **extra),
+            optimizer=self._build_optimizer(),
             criterion=nn.CrossEntropyLoss() if criterion is None else criterion,
             train_mb_size=train_mb_size,
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
-            device=device,
             plugins=plugins,
-            evaluator=evaluator,
-            eval_every=eval_every,
-            peval_mode=peval_mode,
+            **kwargs,
         )
-        model.gate.tau_final = gumbel_tau_final
+        model.gate.tau_final = self.settings.gumbel_tau_final
         self.gate_optimizer: torch.optim.Optimizer | None = None
         """The logits' own optimizer (``gate_optimizer``), or ``None`` when they train in ``optimizer``."""
-        if gate_optimizer is not None:
+        if self.settings.gate_optimizer is not None:
+            gate_lr = self.settings.gate_lr
             gate_group = {"params": [], "name": "logits", "lr": gate_lr, "weight_decay": 0.0}
-            gate_extra = {"momentum": momentum} if gate_optimizer == "sgd" else {}
-            self.gate_optimizer = OPTIMIZERS[gate_optimizer]([gate_group], lr=gate_lr, **gate_extra)
-        self.gumbel_schedule = gumbel_schedule
-        self.protect_new_adapter = protect_new_adapter
-        self.phase1_fraction = phase1_fraction
-        self.gumbel_tau_init = gumbel_tau_init
-        self.gumbel_tau_final = gumbel_tau_final
-        self.gumbel_anneal_rate = gumbel_anneal_rate
-        self.lambda_sparsity = lambda_sparsity
-        self.sparsity = sparsity
-        self.lambda_alpha = lambda_alpha
-        self.loss_on = loss_on
-        self.two_phase = two_phase
+            self.gate_optimizer = _build(self.settings.gate_optimizer, [gate_group], self.settings)
         self.phase: int | None = None
         """1 (selection), 2 (new task) or ``JOINT_PHASE`` while training; ``None`` otherwise."""
         self.gate_step = 0
@@ -234,6 +147,21 @@ class SDLoRA(SupervisedTemplate):
         """One record per trained experience: adapters, parameters, wall time, peak memory."""
         self._phase_seconds: dict[str, float] = {}
 
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The main optimizer, one (empty) parameter group per role with its learning rate."""
+        rates = self.settings.learning_rates()
+        decay = self.settings.weight_decay
+        groups = [
+            {
+                "params": [],
+                "name": role,
+                "lr": rates[role],
+                "weight_decay": decay if role in ("adapters", "head") else 0.0,
+            }
+            for role in PARAMETER_ROLES
+        ]
+        return _build(self.settings.optimizer, groups, self.settings)
+
     @property
     def pruning_plugin(self) -> GumbelPruningPlugin | None:
         return next((p for p in self.plugins if isinstance(p, GumbelPruningPlugin)), None)
@@ -242,9 +170,9 @@ class SDLoRA(SupervisedTemplate):
 
     def phase_plan(self) -> list[tuple[int, int]]:
         """``(phase, epochs)`` of the current settings, phases without epochs left out."""
-        if not (self.model.gate_enabled and self.two_phase):
+        if not (self.model.gate_enabled and self.settings.two_phase):
             return [(JOINT_PHASE, self.train_epochs)]
-        first = math.floor(self.phase1_fraction * self.train_epochs)
+        first = math.floor(self.settings.phase1_fraction * self.train_epochs)
         if self.train_epochs >= 2:
             first = max(first, 1)
         return [(p, e) for p, e in ((1, first), (2, self.train_epochs - first)) if e > 0]
@@ -257,15 +185,12 @@ class SDLoRA(SupervisedTemplate):
         learns_selection = model.gate_enabled and phase in (1, JOINT_PHASE)
         for index in model.pending_adapters:
             model.set_adapter_trainable(index, learns_task)
-            if learns_task and model.gate_enabled and self.protect_new_adapter:
+            if learns_task and model.gate_enabled and self.settings.protect_new_adapter:
                 gate.raise_logit(index, max(gate.logits[i].item() for i in active))
         (gate.unfreeze_alphas if learns_task else gate.freeze_alphas)(active)
         (gate.unfreeze_logits if learns_selection else gate.freeze_logits)(active)
         model.head.requires_grad_(True)
         self.make_optimizer()
-        for plugin in self.plugins:
-            if isinstance(plugin, EarlyStoppingPlugin):
-                plugin.before_training_exp(self)  # patience restarts with each phase
 
     @contextmanager
     def _running_phase(self, phase: int, epochs: int):
@@ -273,11 +198,13 @@ class SDLoRA(SupervisedTemplate):
         total_epochs = self.train_epochs
         self.phase, self.train_epochs = phase, epochs
         self._configure_phase(phase)
+        trigger_plugins(self, "before_training_phase")
         start = time.perf_counter()
         try:
             yield
-        finally:
             self._phase_seconds[str(phase)] = time.perf_counter() - start
+            trigger_plugins(self, "after_training_phase")
+        finally:
             self.phase, self.train_epochs = None, total_epochs
 
     def _selection_steps(self, plan: list[tuple[int, int]], steps_per_epoch: int) -> int:
@@ -286,7 +213,7 @@ class SDLoRA(SupervisedTemplate):
         if 1 in epochs:
             return epochs[1] * steps_per_epoch
         joint = epochs.get(JOINT_PHASE, 0) * steps_per_epoch
-        return max(1, round(self.phase1_fraction * joint)) if joint else 0
+        return max(1, round(self.settings.phase1_fraction * joint)) if joint else 0
 
     def make_optimizer(self, **kwargs) -> None:
         """Refill the optimizer's groups with the parameters that train now; clear its state.
@@ -314,9 +241,6 @@ class SDLoRA(SupervisedTemplate):
         self._phase_seconds = {}
         plan = self.phase_plan()
         self.anneal_steps = self._selection_steps(plan, len(self.dataloader))
-        for plugin in self.plugins:
-            if isinstance(plugin, RWalkPlugin):  # its snapshot predates this experience's adapter
-                plugin.before_training(self)
         for phase, epochs in plan:
             with self._running_phase(phase, epochs):
                 super()._train_exp(experience, eval_streams, **kwargs)
@@ -355,12 +279,15 @@ class SDLoRA(SupervisedTemplate):
 
     def temperature(self, step: int) -> float:
         """The Gumbel temperature of training step ``step`` of the current experience."""
-        if self.gumbel_schedule == "step":
+        if self.settings.gumbel_schedule == "step":
             return annealed_temperature(
-                step, self.gumbel_tau_init, self.gumbel_tau_final, self.gumbel_anneal_rate
+                step,
+                self.settings.gumbel_tau_init,
+                self.settings.gumbel_tau_final,
+                self.settings.gumbel_anneal_rate,
             )
         return phase_temperature(
-            step, self.anneal_steps, self.gumbel_tau_init, self.gumbel_tau_final
+            step, self.anneal_steps, self.settings.gumbel_tau_init, self.settings.gumbel_tau_final
         )
 
     def criterion(self) -> Tensor:
@@ -368,15 +295,25 @@ class SDLoRA(SupervisedTemplate):
         if not self.is_training:
             return self._criterion(self.mb_output, self.mb_y)
         logits, targets = self.mb_output, self.mb_y
-        if self.loss_on == "current":
+        if self.settings.loss_on == "current":
             logits, targets = self._restrict_to_current_classes(logits, targets)
         loss = self._criterion(logits, targets)
         model: SDLoRAViT = self.model
-        if model.gate_enabled and self.phase in (1, JOINT_PHASE) and self.lambda_sparsity > 0:
-            loss = loss + self.lambda_sparsity * SPARSITY[self.sparsity](model.last_beta)
-        if self.phase in (2, JOINT_PHASE) and self.lambda_alpha > 0 and model.gate.active_indices:
+        if (
+            model.gate_enabled
+            and self.phase in (1, JOINT_PHASE)
+            and self.settings.lambda_sparsity > 0
+        ):
+            loss = loss + self.settings.lambda_sparsity * SPARSITY[self.settings.sparsity](
+                model.last_beta
+            )
+        if (
+            self.phase in (2, JOINT_PHASE)
+            and self.settings.lambda_alpha > 0
+            and model.gate.active_indices
+        ):
             alphas = model.gate.alpha_vector()[model.gate.active_indices]
-            loss = loss + self.lambda_alpha * alphas.square().sum()
+            loss = loss + self.settings.lambda_alpha * alphas.square().sum()
         return loss
 
     def _restrict_to_current_classes(
@@ -390,3 +327,20 @@ class SDLoRA(SupervisedTemplate):
         renumber = torch.full((logits.shape[1],), -1, dtype=torch.long, device=targets.device)
         renumber[columns] = torch.arange(len(columns), device=targets.device)
         return logits[:, columns], renumber[targets]
+
+
+def _signature_with_settings(init: Any) -> inspect.Signature:
+    """``init``'s signature with every setting of :class:`SDLoRASettings` as a keyword argument
+    with its default: what ``help(SDLoRA)`` shows, and what Avalanche checks keyword arguments
+    against (it refuses names that no ``__init__`` of the class declares)."""
+    signature = inspect.signature(init)
+    named = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    rest = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+    settings = [
+        inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default)
+        for spec in dataclasses.fields(SDLoRASettings)
+    ]
+    return signature.replace(parameters=[*named, *settings, *rest])
+
+
+SDLoRA.__init__.__signature__ = _signature_with_settings(SDLoRA.__init__)

@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from avalanche_sdlora.plots import plot_params_vs_accuracy
+from avalanche_sdlora.runner.plots import plot_params_vs_accuracy
 
 
 def points(runs: Sequence[Mapping]) -> dict[str, list[tuple[float, float]]]:

@@ -3,7 +3,7 @@
 After every evaluation (one per experience) each rank writes a hash of its model's parameters and
 buffers, and of its Gumbel trace, to ``--record DIR/rank<r>.jsonl``. ``--fail-rank R`` makes rank R
 raise when it starts its second training experience (the other ranks must come down too).
-Everything after ``--`` goes to ``avalanche_sdlora.run``.
+Everything after ``--`` goes to ``avalanche_sdlora.runner.cli``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from avalanche.training.templates import SupervisedTemplate
 
 from avalanche_sdlora import distributed
 from avalanche_sdlora.plugins import GateTracePlugin
-from avalanche_sdlora.run import main
+from avalanche_sdlora.runner.cli import main
 
 
 def fingerprint(strategy: SupervisedTemplate) -> dict[str, str]:

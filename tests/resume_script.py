@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
-from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+from avalanche.checkpointing import maybe_load_checkpoint
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
@@ -21,6 +21,7 @@ from conftest import make_small_vit
 from streams import separable_benchmark
 
 from avalanche_sdlora import SDLoRA, SDLoRAViT
+from avalanche_sdlora.runner.checkpoints import save_checkpoint
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from avalanche_sdlora.backbones import BackboneError, build_backbone, check_backbone
+from avalanche_sdlora.runner.backbones import BackboneError, build_backbone, check_backbone
 
 KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

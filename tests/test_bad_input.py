@@ -10,9 +10,9 @@ import pytest
 import torchvision
 from test_cli import DEMO, SHRINK
 
-from avalanche_sdlora import experiment
-from avalanche_sdlora.benchmarks import CIFAR100_URL
-from avalanche_sdlora.run import main
+from avalanche_sdlora.runner import experiment
+from avalanche_sdlora.runner.cli import main
+from avalanche_sdlora.runner.streams import CIFAR100_URL
 
 DEMO_KWARGS = {
     "img_size": 64,

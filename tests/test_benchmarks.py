@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torchvision import transforms
 from torchvision.datasets import CIFAR100
 
-from avalanche_sdlora.benchmarks import (
+from avalanche_sdlora.runner.streams import (
     BENCHMARKS,
     DatasetNotFoundError,
     backbone_transforms,
@@ -375,7 +375,7 @@ def test_digits_needs_no_data_and_unknown_names_are_refused():
 
 
 def test_dataset_classes(tmp_path):
-    from avalanche_sdlora.benchmarks import dataset_classes
+    from avalanche_sdlora.runner.streams import dataset_classes
 
     for name in ("a", "b", "c"):
         (tmp_path / "train" / name).mkdir(parents=True)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from avalanche_sdlora import plots
-from avalanche_sdlora.run import main
+from avalanche_sdlora.runner import plots
+from avalanche_sdlora.runner.cli import main
 from avalanche_sdlora.strategy import SDLoRA
 
 ROOT = Path(__file__).parents[1]
@@ -181,8 +181,8 @@ def test_bf16_precision_runs_under_autocast_on_the_cpu(tmp_path, monkeypatch):
 
 
 def test_summary_over_seeds_reports_mean_and_std():
-    from avalanche_sdlora.report import summarize_run
-    from avalanche_sdlora.run_folder import summarize_seeds, summary_table
+    from avalanche_sdlora.runner.report import summarize_run
+    from avalanche_sdlora.runner.run_folder import summarize_seeds, summary_table
 
     def report(first: float, second: float):
         key = "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{:03d}"
@@ -203,8 +203,8 @@ def test_summary_over_seeds_reports_mean_and_std():
 
 
 def test_sdlora_variants_and_baseline_seeds(tmp_path, capsys):
-    from avalanche_sdlora.config import load_config, seeds_of
-    from avalanche_sdlora.experiment import _make_strategy
+    from avalanche_sdlora.runner.config import load_config, seeds_of
+    from avalanche_sdlora.runner.experiment import _make_strategy
 
     args = ["--compare", "sdlora_joint,sdlora_plain,naive", "--set", "experiment.seeds=[0,1,2]"]
     args += ["--set", "experiment.baseline_seeds=[0]", "--dry-run"]
@@ -220,9 +220,9 @@ def test_sdlora_variants_and_baseline_seeds(tmp_path, capsys):
     joint = _make_strategy("sdlora_joint", config, tmp_path / "joint", 10)
     plain = _make_strategy("sdlora_plain", config, tmp_path / "plain", 10)
     gated = _make_strategy("sdlora", config, tmp_path / "gated", 10)
-    assert (joint.two_phase, joint.model.gate_enabled) == (False, True)
-    assert (plain.two_phase, plain.model.gate_enabled) == (True, False)
-    assert (gated.two_phase, gated.model.gate_enabled) == (True, True)
+    assert (joint.settings.two_phase, joint.model.gate_enabled) == (False, True)
+    assert (plain.settings.two_phase, plain.model.gate_enabled) == (True, False)
+    assert (gated.settings.two_phase, gated.model.gate_enabled) == (True, True)
 
 
 def test_l2p_baseline_runs_through_the_cli(tmp_path):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from avalanche_sdlora.config import ConfigError, apply_override, defaults, load_config
+from avalanche_sdlora.runner.config import ConfigError, apply_override, defaults, load_config
 
 EXPS = Path(__file__).parents[1] / "exps"
 
@@ -75,7 +75,7 @@ def test_choices_and_cross_checks(tmp_path):
     ):
         load_config(write(tmp_path, {"sdlora": {"optimizer": "rmsprop"}}))
     with pytest.raises(
-        ConfigError, match=re.escape("gumbel_tau_init: must be >= sdlora.gumbel_tau_final")
+        ConfigError, match=re.escape("sdlora.gumbel_tau_init: must be >= gumbel_tau_final")
     ):
         load_config(write(tmp_path, {"sdlora": {"gumbel_tau_init": 0.1}}))
     with pytest.raises(

@@ -10,12 +10,12 @@ import pytest
 import torch
 from avalanche.checkpointing import maybe_load_checkpoint
 
-from avalanche_sdlora.backbones import build_backbone
-from avalanche_sdlora.benchmarks import LocalCIFAR100
-from avalanche_sdlora.config import load_config
 from avalanche_sdlora.distributed import SharedOrderSampler
-from avalanche_sdlora.experiment import _build_benchmark, _make_strategy
-from avalanche_sdlora.run import main
+from avalanche_sdlora.runner.backbones import build_backbone
+from avalanche_sdlora.runner.cli import main
+from avalanche_sdlora.runner.config import load_config
+from avalanche_sdlora.runner.experiment import _build_benchmark, _make_strategy
+from avalanche_sdlora.runner.streams import LocalCIFAR100
 
 ROOT = Path(__file__).parents[1]
 _spec = importlib.util.spec_from_file_location("smoke", ROOT / "benchmarks" / "ddp_gpu_smoke.py")

@@ -10,7 +10,7 @@ from streams import separable_benchmark
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
-from avalanche_sdlora.l2p import make_l2p
+from avalanche_sdlora.runner.l2p import make_l2p
 
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 LAYOUTS = {

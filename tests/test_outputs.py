@@ -5,7 +5,12 @@ import sys
 
 import pytest
 
-from avalanche_sdlora.outputs import ResumableCSVLogger, atomic_write, trim_csv_logs, write_json
+from avalanche_sdlora.runner.outputs import (
+    ResumableCSVLogger,
+    atomic_write,
+    trim_csv_logs,
+    write_json,
+)
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
@@ -49,7 +54,7 @@ def test_metrics_are_strict_json_with_normal_permissions(tmp_path):
 
 def test_importing_the_package_prints_no_qp_solver_warning():
     done = subprocess.run(
-        [sys.executable, "-W", "default", "-c", "import avalanche_sdlora.run"],
+        [sys.executable, "-W", "default", "-c", "import avalanche_sdlora.runner.cli"],
         capture_output=True,
         text=True,
         check=True,

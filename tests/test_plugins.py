@@ -1,6 +1,5 @@
 """Avalanche's plugins with SD-LoRA: each one that composes trains two tiny experiences and fills its own
-state; each one that cannot is refused when the strategy is built, named with the reason (README,
-*Avalanche plugins*)."""
+state; each one that cannot is refused when the strategy is built, named with the reason (docs/plugins.md)."""
 
 import importlib.util
 import math

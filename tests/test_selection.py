@@ -16,7 +16,7 @@ from test_strategy import make_strategy
 from avalanche_sdlora import GumbelPruningPlugin, SDLoRAViT
 from avalanche_sdlora.gate import phase_temperature
 from avalanche_sdlora.pruning import RandomPruner, SelectionPruner
-from avalanche_sdlora.run import main
+from avalanche_sdlora.runner.cli import main
 from avalanche_sdlora.strategy import JOINT_PHASE
 
 

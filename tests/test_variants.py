@@ -14,7 +14,7 @@ from test_cli import DEMO, SHRINK
 from test_model import FakeExperience, assert_product_equals_loop, randomise_adapter
 
 from avalanche_sdlora import KnowledgeDistillationPlugin, SDLoRA, SDLoRAViT
-from avalanche_sdlora.run import main
+from avalanche_sdlora.runner.cli import main
 
 X = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
 WIDTH = 32 + 32  # d_in + d_out of one projection of the small ViT

@@ -2,7 +2,7 @@
 
 Naive (full fine-tuning), EWC, LwF, Replay and Cumulative train the whole ViT with a linear head that
 grows with the classes seen (Avalanche's ``IncrementalClassifier``); L2P is Avalanche's
-``LearningToPrompt`` through :mod:`avalanche_sdlora.l2p`.
+``LearningToPrompt`` through :mod:`avalanche_sdlora.runner.l2p`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from avalanche.training.supervised import Cumulative
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
-from avalanche_sdlora.strategy import OPTIMIZERS
+from avalanche_sdlora.settings import OPTIMIZERS
 
 __all__ = ["FineTunedViT", "make_baseline", "make_optimizer"]
 
@@ -59,7 +59,7 @@ def make_baseline(
     arguments (train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator).
     ``num_classes`` (all classes of the stream) sizes L2P's fixed head."""
     if method == "l2p":
-        from avalanche_sdlora.l2p import make_l2p
+        from avalanche_sdlora.runner.l2p import make_l2p
 
         return make_l2p(
             backbone=backbone,

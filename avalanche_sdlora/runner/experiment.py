@@ -1,5 +1,5 @@
 """Run a configured class-incremental experiment: every method x seed, resumable, with its outputs
-(the run folder's layout: :mod:`avalanche_sdlora.run_folder`)."""
+(the run folder's layout: :mod:`avalanche_sdlora.runner.run_folder`)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from avalanche.checkpointing import maybe_load_checkpoint, save_checkpoint
+from avalanche.checkpointing import maybe_load_checkpoint
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
 from avalanche.logging import InteractiveLogger, TensorboardLogger
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 
-from avalanche_sdlora.backbones import build_backbone
-from avalanche_sdlora.baselines import make_baseline
-from avalanche_sdlora.benchmarks import (
-    backbone_transforms,
-    class_order,
-    dataset_classes,
-    make_benchmark,
-)
-from avalanche_sdlora.config import RANDOM_CONTROL, SDLORA_VARIANTS, methods_of, seeds_of
 from avalanche_sdlora.distributed import (
     DistributedPlugin,
     is_main_process,
@@ -40,12 +31,6 @@ from avalanche_sdlora.distributed import (
     world_size,
 )
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.outputs import (
-    ResumableCSVLogger,
-    atomic_write,
-    trim_csv_logs,
-    write_json,
-)
 from avalanche_sdlora.plugins import (
     AutocastPlugin,
     GateTracePlugin,
@@ -53,9 +38,26 @@ from avalanche_sdlora.plugins import (
     KnowledgeDistillationPlugin,
 )
 from avalanche_sdlora.pruning import RandomPruner, SelectionPruner
-from avalanche_sdlora.report import RunReport, peak_memory_mb, summarize_run
-from avalanche_sdlora.run_folder import jsonable, summarize_seeds, write_run_folder
-from avalanche_sdlora.strategy import SDLoRA
+from avalanche_sdlora.runner.backbones import build_backbone
+from avalanche_sdlora.runner.baselines import make_baseline
+from avalanche_sdlora.runner.checkpoints import save_checkpoint
+from avalanche_sdlora.runner.config import RANDOM_CONTROL, SDLORA_VARIANTS, methods_of, seeds_of
+from avalanche_sdlora.runner.outputs import (
+    ResumableCSVLogger,
+    atomic_write,
+    trim_csv_logs,
+    write_json,
+)
+from avalanche_sdlora.runner.report import RunReport, summarize_run
+from avalanche_sdlora.runner.run_folder import jsonable, summarize_seeds, write_run_folder
+from avalanche_sdlora.runner.streams import (
+    backbone_transforms,
+    class_order,
+    dataset_classes,
+    make_benchmark,
+)
+from avalanche_sdlora.settings import SDLoRASettings
+from avalanche_sdlora.strategy import SDLoRA, peak_memory_mb
 
 __all__ = ["run_experiment"]
 
@@ -161,16 +163,8 @@ def _make_strategy(
         plugins.insert(0, GumbelPruningPlugin(pruner=chosen))
     if s["knowledge_distillation"]:
         plugins.insert(0, KnowledgeDistillationPlugin(s["kd_threshold"]))
-    settings = {k: s[k] for k in _STRATEGY_KEYS}
+    settings = {name: s[name] for name in SDLoRASettings.names()}
     return SDLoRA(model=model, plugins=plugins + shared, **settings, **template)
-
-
-_STRATEGY_KEYS = (
-    "lr", "alpha_lr", "gate_lr", "head_lr", "optimizer", "gate_optimizer", "momentum",
-    "weight_decay", "phase1_fraction", "gumbel_schedule", "gumbel_tau_init", "gumbel_tau_final",
-    "gumbel_anneal_rate", "lambda_sparsity", "sparsity", "lambda_alpha", "loss_on", "pruning",
-    "two_phase", "protect_new_adapter",
-)  # fmt: skip
 
 
 def _experience_record(strategy: SupervisedTemplate, index: int, seconds: float) -> dict:
@@ -207,7 +201,7 @@ def _run_one(
     if progress["eval_results"] and checkpoint.exists():
         loggers = strategy.evaluator.loggers
         strategy, start = maybe_load_checkpoint(strategy, checkpoint, map_location=strategy.device)
-        strategy.evaluator.loggers = loggers  # checkpoints hold none: see _save_checkpoint
+        strategy.evaluator.loggers = loggers  # checkpoints hold none: see save_checkpoint
     del progress["eval_results"][start:], progress["records"][start:]
     main = is_main_process()
     if main:
@@ -233,8 +227,10 @@ def _run_one(
         if main:  # progress first: a crash between the two retrains this experience, never skips it
             write_json(folder / "progress.json", jsonable(progress))
             if config["experiment"]["checkpoint"]:
-                _save_checkpoint(strategy, checkpoint)
+                save_checkpoint(strategy, checkpoint)
             _print_progress(method, seed, index, experiences, progress)
+    if main and isinstance(strategy, SDLoRA):  # the learned adapters, without the backbone
+        atomic_write(folder / "adapters.safetensors", strategy.model.save_adapters)
     pruning = _plugin(strategy, GumbelPruningPlugin)
     trace = _plugin(strategy, GateTracePlugin)
     absorption = _plugin(strategy, KnowledgeDistillationPlugin)
@@ -245,16 +241,6 @@ def _run_one(
         trace.trace if trace else (),
         absorption_fits=absorption.history if absorption else (),
     )
-
-
-def _save_checkpoint(strategy: SupervisedTemplate, path: Path) -> None:
-    """Avalanche's checkpoint, without the loggers: unpickled, they would write to the run folder
-    from every rank that resumes; each resumed run keeps the loggers it was built with."""
-    loggers, strategy.evaluator.loggers = strategy.evaluator.loggers, []
-    try:
-        atomic_write(path, lambda target: save_checkpoint(strategy, target))
-    finally:
-        strategy.evaluator.loggers = loggers
 
 
 def _last_training_loss(strategy: SupervisedTemplate) -> float | None:
@@ -324,7 +310,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or continue) every method x seed of ``config`` in ``run_dir`` and write the outputs.
 
-    ``backbone`` (from :func:`~avalanche_sdlora.preflight.preflight`) sets the data transforms;
+    ``backbone`` (from :func:`~avalanche_sdlora.runner.preflight.preflight`) sets the data transforms;
     each run builds its own copy.
     With ``experiment.workers`` > 1 the runs go to that many processes (each with its own
     ``experiment.threads``); every run is seeded on its own, so the order does not matter. Under

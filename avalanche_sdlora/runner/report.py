@@ -8,17 +8,15 @@ the strategy's ``experience_log`` and the pruning plugin's ``history``. Accuraci
 from __future__ import annotations
 
 import re
-import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from avalanche_sdlora.absorption import DirectionFit
 from avalanche_sdlora.pruning import AdapterDecision
 
-__all__ = ["RunReport", "accuracy_matrix", "peak_memory_mb", "summarize_run"]
+__all__ = ["RunReport", "accuracy_matrix", "summarize_run"]
 
 _EXPERIENCE_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/(?P<stream>[^/]+)/Task\d+/Exp(?P<exp>\d+)$")
 
@@ -48,13 +46,6 @@ def accuracy_matrix(
             )
         rows.append([found[j] for j in range(len(eval_results))])
     return np.asarray(rows)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass

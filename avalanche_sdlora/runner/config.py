@@ -9,6 +9,7 @@ with the value and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
@@ -17,6 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from avalanche_sdlora.adapters import targets_problem
+from avalanche_sdlora.settings import SDLoRASettings, SettingsError, at_least, momentum, positive
 
 __all__ = [
     "BASELINES",
@@ -95,24 +99,8 @@ class Setting:
         return f"{names}{' or null' if self.nullable else ''}"
 
 
-def _at_least(minimum: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= minimum else f"must be >= {minimum}"
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _open_unit(v: float) -> str | None:
-    return None if 0 < v < 1 else "must be in (0, 1)"
-
-
 def _unit(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
-def _momentum(v: float) -> str | None:
-    return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
 def _int_list(v: list) -> str | None:
@@ -149,11 +137,36 @@ def _run_name(v: str) -> str | None:
 
 def _optimizer(lr: float, optimizer: str = "sgd") -> dict[str, Setting]:
     return {
-        "lr": Setting(lr, _NUMBER, "learning rate", check=_positive),
+        "lr": Setting(lr, _NUMBER, "learning rate", check=positive),
         "optimizer": Setting(optimizer, (str,), "optimizer", choices=("sgd", "adam", "adamw")),
-        "momentum": Setting(0.9, _NUMBER, "SGD momentum", check=_momentum),
-        "weight_decay": Setting(0.0, _NUMBER, "weight decay", check=_at_least(0.0)),
+        "momentum": Setting(0.9, _NUMBER, "SGD momentum", check=momentum),
+        "weight_decay": Setting(0.0, _NUMBER, "weight decay", check=at_least(0.0)),
     }
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "float": _NUMBER,
+    "int": (int,),
+    "str": (str,),
+    "bool": (bool,),
+}
+
+
+def _from_settings(settings: type) -> dict[str, Setting]:
+    """The config entries of a method's settings dataclass: each field's default, help, choices and
+    check as it declares them, typed for JSON (a field that may be ``None`` is nullable)."""
+    entries = {}
+    for spec in dataclasses.fields(settings):
+        names = [name.strip() for name in str(spec.type).split("|")]
+        entries[spec.name] = Setting(
+            spec.default,
+            tuple(t for name in names for t in _JSON_TYPES.get(name, ())),
+            spec.metadata["help"],
+            nullable="None" in names,
+            choices=spec.metadata["choices"],
+            check=spec.metadata["check"],
+        )
+    return entries
 
 
 SCHEMA: dict[str, dict[str, Setting | dict]] = {
@@ -182,13 +195,13 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             (int,),
             "torch CPU threads per run (null: torch's default)",
             nullable=True,
-            check=_at_least(1),
+            check=at_least(1),
         ),
         "workers": Setting(
             1,
             (int,),
             "runs (method x seed) trained at once, each in its own process",
-            check=_at_least(1),
+            check=at_least(1),
         ),
         "checkpoint": Setting(True, (bool,), "save an Avalanche checkpoint after every experience"),
     },
@@ -205,7 +218,7 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "dataset folder (CIFAR-100 in torchvision's layout, or train/ + val/ ImageFolder trees)",
             nullable=True,
         ),
-        "n_experiences": Setting(10, (int,), "number of experiences", check=_at_least(1)),
+        "n_experiences": Setting(10, (int,), "number of experiences", check=at_least(1)),
         "class_order_seed": Setting(
             1993, (int,), "class order = numpy RandomState(seed).permutation", nullable=True
         ),
@@ -221,14 +234,14 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             (int,),
             "use only the first N classes of the order",
             nullable=True,
-            check=_at_least(1),
+            check=at_least(1),
         ),
         "train_per_class": Setting(
             None,
             (int,),
             "keep at most N training images per class",
             nullable=True,
-            check=_at_least(1),
+            check=at_least(1),
         ),
         "validation_per_class": Setting(
             None,
@@ -236,7 +249,7 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "hold out N training images per class as the test stream (choose settings on it, "
             "never on test images)",
             nullable=True,
-            check=_at_least(1),
+            check=at_least(1),
         ),
         "rendition": Setting(
             None,
@@ -252,7 +265,7 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             (bool,),
             "split_cifar100: download CIFAR-100 with torchvision (md5-checked) when it is missing",
         ),
-        "num_workers": Setting(0, (int,), "data loader workers", check=_at_least(0)),
+        "num_workers": Setting(0, (int,), "data loader workers", check=at_least(0)),
     },
     "backbone": {
         "name": Setting("vit_base_patch16_224.augreg2_in21k_ft_in1k", (str,), "timm model name"),
@@ -273,12 +286,12 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "precision": Setting("fp32", (str,), "bf16 uses autocast", choices=("fp32", "bf16")),
     },
     "training": {
-        "epochs": Setting(20, (int,), "epochs per experience (all methods)", check=_at_least(1)),
-        "batch_size": Setting(128, (int,), "training mini-batch", check=_at_least(1)),
-        "eval_batch_size": Setting(256, (int,), "evaluation mini-batch", check=_at_least(1)),
+        "epochs": Setting(20, (int,), "epochs per experience (all methods)", check=at_least(1)),
+        "batch_size": Setting(128, (int,), "training mini-batch", check=at_least(1)),
+        "eval_batch_size": Setting(256, (int,), "evaluation mini-batch", check=at_least(1)),
     },
     "sdlora": {
-        "rank": Setting(10, (int,), "adapter rank r", check=_at_least(1)),
+        "rank": Setting(10, (int,), "adapter rank r", check=at_least(1)),
         "rank_reduction": Setting(
             False, (bool,), "SD-LoRA-RR: later adapters take the ranks of rank_schedule"
         ),
@@ -294,9 +307,11 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "SD-LoRA-KD: absorb a new adapter's directions that the old ones span (gate off only)",
         ),
         "kd_threshold": Setting(
-            9e-4, _NUMBER, "SD-LoRA-KD: absorb below this relative residual", check=_positive
+            9e-4, _NUMBER, "SD-LoRA-KD: absorb below this relative residual", check=positive
         ),
-        "targets": Setting("qv", (str,), "qkv slices with adapters, letters from 'qkv'"),
+        "targets": Setting(
+            "qv", (str,), "qkv slices with adapters, letters from 'qkv'", check=targets_problem
+        ),
         "blocks": Setting(
             None,
             (list,),
@@ -310,54 +325,9 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "add one adapter per experience (false: only the head trains, the head_only control)",
         ),
         "gate": Setting(True, (bool,), "Gumbel-Sparsemax gate (false: plain SD-LoRA)"),
-        "two_phase": Setting(True, (bool,), "selection then new task (false: one joint phase)"),
         "init_logit": Setting(0.0, _NUMBER, "initial gate logit"),
         "alpha_init": Setting(1.0, _NUMBER, "initial magnitude of a new adapter"),
-        **_optimizer(8e-3),
-        "alpha_lr": Setting(0.04, _NUMBER, "learning rate of the magnitudes", check=_positive),
-        "gate_lr": Setting(0.05, _NUMBER, "learning rate of the gate logits", check=_positive),
-        "head_lr": Setting(
-            None, _NUMBER, "learning rate of the head (null: lr)", nullable=True, check=_positive
-        ),
-        "gate_optimizer": Setting(
-            "adam",
-            (str,),
-            "optimizer of the gate logits (null: the main optimizer, with gate_lr)",
-            nullable=True,
-            choices=("sgd", "adam", "adamw"),
-        ),
-        "phase1_fraction": Setting(0.6, _NUMBER, "share of epochs in phase 1", check=_open_unit),
-        "gumbel_schedule": Setting(
-            "phase",
-            (str,),
-            "phase: tau reaches tau_final at the end of phase 1 (any step count); step: the seed's per-step decay",
-            choices=("phase", "step"),
-        ),
-        "gumbel_tau_init": Setting(5.0, _NUMBER, "initial Gumbel temperature", check=_positive),
-        "gumbel_tau_final": Setting(
-            0.5, _NUMBER, "final (and evaluation) temperature", check=_positive
-        ),
-        "gumbel_anneal_rate": Setting(
-            0.999,
-            _NUMBER,
-            "per-step temperature decay (gumbel_schedule step)",
-            check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
-        ),
-        "lambda_sparsity": Setting(0.1, _NUMBER, "phase-1 sparsity weight", check=_at_least(0.0)),
-        "sparsity": Setting("gini", (str,), "sparsity regulariser", choices=("gini", "entropy")),
-        "lambda_alpha": Setting(1e-4, _NUMBER, "phase-2 alpha L2 weight", check=_at_least(0.0)),
-        "loss_on": Setting(
-            "current",
-            (str,),
-            "training CE over current or all seen classes",
-            choices=("current", "seen"),
-        ),
-        "protect_new_adapter": Setting(
-            True,
-            (bool,),
-            "raise the new adapter's logit to the highest one when it starts training",
-        ),
-        "pruning": Setting(True, (bool,), "prune adapters the gate does not use"),
+        **_from_settings(SDLoRASettings),
         "prune_rule": Setting(
             "eval_beta",
             (str,),
@@ -365,7 +335,7 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             choices=("eval_beta", "frequency"),
         ),
         "num_samples": Setting(
-            200, (int,), "Gumbel samples of the pruning decision", check=_at_least(1)
+            200, (int,), "Gumbel samples of the pruning decision", check=at_least(1)
         ),
         "prune_threshold": Setting(
             0.2, _NUMBER, "frequency rule: prune below this selection frequency", check=_unit
@@ -375,25 +345,25 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "naive": {**_optimizer(1e-3)},
         "ewc": {
             **_optimizer(1e-3),
-            "ewc_lambda": Setting(5000.0, _NUMBER, "EWC penalty weight", check=_at_least(0.0)),
+            "ewc_lambda": Setting(5000.0, _NUMBER, "EWC penalty weight", check=at_least(0.0)),
         },
         "lwf": {
             **_optimizer(1e-3),
-            "alpha": Setting(1.0, _NUMBER, "distillation weight", check=_at_least(0.0)),
-            "temperature": Setting(2.0, _NUMBER, "distillation temperature", check=_positive),
+            "alpha": Setting(1.0, _NUMBER, "distillation weight", check=at_least(0.0)),
+            "temperature": Setting(2.0, _NUMBER, "distillation temperature", check=positive),
         },
         "replay": {
             **_optimizer(1e-3),
-            "mem_size": Setting(2000, (int,), "replay memory (samples)", check=_at_least(1)),
+            "mem_size": Setting(2000, (int,), "replay memory (samples)", check=at_least(1)),
         },
         "cumulative": {**_optimizer(1e-3)},
         "l2p": {
             "lr": Setting(
-                0.03, _NUMBER, "learning rate (Adam, as Avalanche's L2P)", check=_positive
+                0.03, _NUMBER, "learning rate (Adam, as Avalanche's L2P)", check=positive
             ),
-            "pool_size": Setting(10, (int,), "prompt pool size", check=_at_least(1)),
-            "prompt_length": Setting(5, (int,), "tokens per prompt", check=_at_least(1)),
-            "top_k": Setting(5, (int,), "prompts selected per input", check=_at_least(1)),
+            "pool_size": Setting(10, (int,), "prompt pool size", check=at_least(1)),
+            "prompt_length": Setting(5, (int,), "tokens per prompt", check=at_least(1)),
+            "top_k": Setting(5, (int,), "prompts selected per input", check=at_least(1)),
         },
     },
 }
@@ -580,14 +550,10 @@ def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[st
                 f"backbone.pretrained_cfg.{key}: must be a list of {channels} numbers (one per "
                 f"input channel), got {values!r}"
             )
-    if sdlora["gumbel_tau_init"] < sdlora["gumbel_tau_final"]:
-        problems.append(
-            f"sdlora.gumbel_tau_init: must be >= sdlora.gumbel_tau_final "
-            f"({sdlora['gumbel_tau_final']}), got {sdlora['gumbel_tau_init']}"
-        )
-    targets = sdlora["targets"]
-    if not targets or set(targets) - set("qkv") or len(set(targets)) != len(targets):
-        problems.append(f"sdlora.targets: must be distinct letters from 'qkv', got {targets!r}")
+    try:
+        SDLoRASettings(**{name: sdlora[name] for name in SDLoRASettings.names()})
+    except SettingsError as error:
+        problems.extend(f"sdlora.{problem}" for problem in error.problems)
     if (
         benchmark["num_classes"] is not None
         and benchmark["num_classes"] % benchmark["n_experiences"]

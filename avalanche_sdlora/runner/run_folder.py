@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from avalanche_sdlora.outputs import write_csv, write_json, write_text
-from avalanche_sdlora.plots import (
+from avalanche_sdlora.runner.outputs import write_csv, write_json, write_text
+from avalanche_sdlora.runner.plots import (
     plot_accuracy_matrix,
     plot_adapters,
     plot_gate_trace,
     plot_params_vs_accuracy,
     plot_seen_accuracy,
 )
-from avalanche_sdlora.report import RunReport
+from avalanche_sdlora.runner.report import RunReport
 
 __all__ = [
     "SUMMARY_METRICS",

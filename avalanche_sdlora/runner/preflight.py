@@ -11,15 +11,15 @@ from typing import Any
 
 import torch
 
-from avalanche_sdlora.backbones import BackboneError, build_backbone
-from avalanche_sdlora.benchmarks import (
+from avalanche_sdlora.distributed import launched_processes, process_device
+from avalanche_sdlora.runner.backbones import BackboneError, build_backbone
+from avalanche_sdlora.runner.config import SDLORA_VARIANTS, ConfigError, concerns, methods_of
+from avalanche_sdlora.runner.streams import (
     check_dataset,
     dataset_classes,
     download_cifar100,
     split_problems,
 )
-from avalanche_sdlora.config import SDLORA_VARIANTS, ConfigError, concerns, methods_of
-from avalanche_sdlora.distributed import launched_processes, process_device
 
 __all__ = ["check_run_files", "preflight"]
 

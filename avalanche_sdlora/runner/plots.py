@@ -1,18 +1,18 @@
 """Plots of a run, as PNG: accuracy on the seen classes per method, accuracy matrices, each
-adapter's alpha and beta over the experiences, and last accuracy against trainable parameters."""
+adapter's alpha and beta over the experiences, and last accuracy against trainable parameters.
+
+Figures are drawn with ``matplotlib.figure.Figure`` and saved by its own canvas, never through
+``pyplot``: no backend is chosen and no global state is touched, on import or when drawing."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
-from avalanche_sdlora.outputs import atomic_write
+from avalanche_sdlora.runner.outputs import atomic_write
 
 __all__ = [
     "plot_accuracy_matrix",
@@ -23,15 +23,15 @@ __all__ = [
 ]
 
 
-def _save(figure: plt.Figure, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> None:
     atomic_write(path, lambda target: figure.savefig(target, dpi=120, format="png"))
-    plt.close(figure)
 
 
 def plot_seen_accuracy(curves: Mapping[str, Sequence[Sequence[float]]], path: Path) -> None:
     """Accuracy (%) on the classes seen so far after each experience; one line per method
     (mean over seeds, with a +-1 std band where there are several)."""
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
     for method, per_seed in curves.items():
         values = np.asarray(per_seed, dtype=float)
         mean, std = values.mean(axis=0), values.std(axis=0)
@@ -50,7 +50,8 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str, path: Pa
     """``R[t][j]`` as a heatmap: rows the experience just trained, columns the tested experience."""
     values = np.asarray(matrix, dtype=float)
     size = max(4.0, 0.5 * values.shape[0] + 2)
-    figure, axis = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    axis = figure.subplots()
     image = axis.imshow(values, vmin=0, vmax=100, cmap="viridis")
     for (row, column), value in np.ndenumerate(values):
         axis.text(column, row, f"{value:.0f}", ha="center", va="center", color="w", fontsize=7)
@@ -63,7 +64,8 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str, path: Pa
 
 def plot_adapters(experience_log: Sequence[Mapping], title: str, path: Path) -> None:
     """Each adapter's alpha and evaluation beta after every experience (pruned: not drawn)."""
-    figure, (alpha_axis, beta_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    alpha_axis, beta_axis = figure.subplots(1, 2)
     adapters = {a["adapter"] for record in experience_log for a in record["adapters"]}
     for adapter in sorted(adapters):
         points = [
@@ -95,7 +97,8 @@ def plot_gate_trace(trace: Sequence[Mapping], title: str, path: Path) -> None:
     epochs: dict[tuple[int, int], int] = {}
     for row in trace:
         epochs.setdefault((row["experience"], row["epoch"]), len(epochs))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    figure = Figure(figsize=(15, 4))
+    axes = figure.subplots(1, 3)
     for adapter in sorted({row["adapter"] for row in trace}):
         rows = [row for row in trace if row["adapter"] == adapter]
         steps = [epochs[(row["experience"], row["epoch"])] for row in rows]
@@ -118,7 +121,8 @@ def plot_params_vs_accuracy(
     """Last accuracy (%) against the trainable parameters at the end, one point per method and
     seed: which way of limiting growth buys most accuracy per parameter (log scale). Methods that
     land on the same point (a variant that changed nothing) stay visible as nested markers."""
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
     markers = "osD^vPX*"
     for k, (method, per_seed) in enumerate(points.items()):
         parameters, accuracies = zip(*per_seed, strict=True)
