@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import re
@@ -19,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from avalanche_sdlora.absorption import KD_THRESHOLD
 from avalanche_sdlora.adapters import targets_problem
+from avalanche_sdlora.model import SDLoRAViT
+from avalanche_sdlora.pruning import SelectionPruner
 from avalanche_sdlora.settings import SDLoRASettings, SettingsError, at_least, momentum, positive
 
 __all__ = [
@@ -169,6 +173,10 @@ def _from_settings(settings: type) -> dict[str, Setting]:
     return entries
 
 
+_MODEL = inspect.signature(SDLoRAViT.__init__).parameters
+_PRUNER = inspect.signature(SelectionPruner.__init__).parameters
+"""The method's own defaults for the model and pruning settings, read from their constructors."""
+
 SCHEMA: dict[str, dict[str, Setting | dict]] = {
     "experiment": {
         "name": Setting(
@@ -291,7 +299,7 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "eval_batch_size": Setting(256, (int,), "evaluation mini-batch", check=at_least(1)),
     },
     "sdlora": {
-        "rank": Setting(10, (int,), "adapter rank r", check=at_least(1)),
+        "rank": Setting(_MODEL["rank"].default, (int,), "adapter rank r", check=at_least(1)),
         "rank_reduction": Setting(
             False, (bool,), "SD-LoRA-RR: later adapters take the ranks of rank_schedule"
         ),
@@ -307,38 +315,51 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "SD-LoRA-KD: absorb a new adapter's directions that the old ones span (gate off only)",
         ),
         "kd_threshold": Setting(
-            9e-4, _NUMBER, "SD-LoRA-KD: absorb below this relative residual", check=positive
+            KD_THRESHOLD, _NUMBER, "SD-LoRA-KD: absorb below this relative residual", check=positive
         ),
         "targets": Setting(
-            "qv", (str,), "qkv slices with adapters, letters from 'qkv'", check=targets_problem
+            _MODEL["targets"].default,
+            (str,),
+            "qkv slices with adapters, letters from 'qkv'",
+            check=targets_problem,
         ),
         "blocks": Setting(
-            None,
+            _MODEL["blocks"].default,
             (list,),
             "indices of the blocks with adapters (null: all)",
             nullable=True,
             check=_int_list,
         ),
         "adapters": Setting(
-            True,
+            _MODEL["adapters"].default,
             (bool,),
             "add one adapter per experience (false: only the head trains, the head_only control)",
         ),
-        "gate": Setting(True, (bool,), "Gumbel-Sparsemax gate (false: plain SD-LoRA)"),
-        "init_logit": Setting(0.0, _NUMBER, "initial gate logit"),
-        "alpha_init": Setting(1.0, _NUMBER, "initial magnitude of a new adapter"),
+        "gate": Setting(
+            _MODEL["gate"].default, (bool,), "Gumbel-Sparsemax gate (false: plain SD-LoRA)"
+        ),
+        "init_logit": Setting(_MODEL["init_logit"].default, _NUMBER, "initial gate logit"),
+        "alpha_init": Setting(
+            _MODEL["alpha_init"].default, _NUMBER, "initial magnitude of a new adapter"
+        ),
         **_from_settings(SDLoRASettings),
         "prune_rule": Setting(
-            "eval_beta",
+            _PRUNER["rule"].default,
             (str,),
             "eval_beta: prune where the evaluation beta is 0; frequency: the seed's sampled rule",
             choices=("eval_beta", "frequency"),
         ),
         "num_samples": Setting(
-            200, (int,), "Gumbel samples of the pruning decision", check=at_least(1)
+            _PRUNER["num_samples"].default,
+            (int,),
+            "Gumbel samples of the pruning decision",
+            check=at_least(1),
         ),
         "prune_threshold": Setting(
-            0.2, _NUMBER, "frequency rule: prune below this selection frequency", check=_unit
+            _PRUNER["threshold"].default,
+            _NUMBER,
+            "frequency rule: prune below this selection frequency",
+            check=_unit,
         ),
     },
     "baselines": {
