@@ -36,8 +36,9 @@ queue_a() {
 queue_b() {
   probe invert-sgd-0.01 --set benchmark.rendition=invert
   probe contour-sgd-0.01 --set benchmark.rendition=contour
-  probe invert-sgd-0.1 --set benchmark.rendition=invert "${SGD01[@]}"
-  probe invert-adam-3e-3 --set benchmark.rendition=invert "${ADAM[@]}"
+  probe crop35-sgd-0.1 "${SGD01[@]}" --set benchmark.crop_scale=[0.35,1.0]
+  probe noaug-sgd-0.1 "${SGD01[@]}" --set benchmark.train_augmentation=false
+  probe contour-sgd-0.1 --set benchmark.rendition=contour "${SGD01[@]}"
 }
 
 mkdir -p "$OUT"

@@ -107,6 +107,13 @@ def _unit(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
+def _crop_scale(v: list) -> str | None:
+    numbers = all(isinstance(x, _NUMBER) and not isinstance(x, bool) for x in v)
+    if len(v) == 2 and numbers and 0 < v[0] <= v[1] <= 1:
+        return None
+    return "must be [min, max] with 0 < min <= max <= 1"
+
+
 def _int_list(v: list) -> str | None:
     ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
     return None if ok else "must be a list of ints >= 0"
@@ -268,6 +275,12 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             choices=("grayscale", "contour", "invert"),
         ),
         "train_augmentation": Setting(True, (bool,), "random resized crop + flip in training"),
+        "crop_scale": Setting(
+            [0.05, 1.0],
+            (list,),
+            "area range [min, max] of the training random resized crop (the paper's: [0.05, 1])",
+            check=_crop_scale,
+        ),
         "download": Setting(
             False,
             (bool,),

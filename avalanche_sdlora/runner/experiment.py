@@ -75,7 +75,10 @@ def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
         settings["class_order"],
     )
     train_transform, eval_transform = backbone_transforms(
-        backbone, settings["train_augmentation"], settings["rendition"]
+        backbone,
+        settings["train_augmentation"],
+        settings["rendition"],
+        tuple(settings["crop_scale"]),
     )
     return make_benchmark(
         settings["name"],

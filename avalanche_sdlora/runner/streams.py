@@ -250,7 +250,10 @@ def split_problems(
 
 
 def backbone_transforms(
-    backbone: torch.nn.Module, train_augmentation: bool = True, rendition: str | None = None
+    backbone: torch.nn.Module,
+    train_augmentation: bool = True,
+    rendition: str | None = None,
+    crop_scale: tuple[float, float] = (0.05, 1.0),
 ) -> tuple[Callable, Callable]:
     """``(train_transform, eval_transform)`` on PIL images, from the backbone's timm data config.
 
@@ -289,7 +292,7 @@ def backbone_transforms(
     train_transform = transforms.Compose(
         [
             to_rgb,
-            transforms.RandomResizedCrop(size, scale=(0.05, 1.0), interpolation=interpolation),
+            transforms.RandomResizedCrop(size, scale=crop_scale, interpolation=interpolation),
             transforms.RandomHorizontalFlip(),
             *to_tensor,
         ]
