@@ -13,7 +13,11 @@ with warnings.catch_warnings():
     from avalanche_sdlora.compatibility import IncompatiblePluginError
     from avalanche_sdlora.gate import GumbelGate
     from avalanche_sdlora.model import SDLoRAViT
-    from avalanche_sdlora.plugins import GumbelPruningPlugin, KnowledgeDistillationPlugin
+    from avalanche_sdlora.plugins import (
+        GumbelPruningPlugin,
+        KnowledgeDistillationPlugin,
+        SDLoRAPlugin,
+    )
     from avalanche_sdlora.strategy import SDLoRA
 
 __all__ = [
@@ -22,5 +26,6 @@ __all__ = [
     "IncompatiblePluginError",
     "KnowledgeDistillationPlugin",
     "SDLoRA",
+    "SDLoRAPlugin",
     "SDLoRAViT",
 ]

@@ -107,8 +107,11 @@ class LoRAQKV(nn.Module):
         self.absorbed = torch.cat([self.absorbed, self.absorbed.new_zeros(1, a.shape[0])])
 
     def set_adapter_trainable(self, index: int, trainable: bool) -> None:
-        self.lora_A[index].requires_grad_(trainable)
-        self.lora_B[index].requires_grad_(trainable)
+        """Train or freeze one adapter's A and B; freezing drops their gradients."""
+        for param in (self.lora_A[index], self.lora_B[index]):
+            param.requires_grad_(trainable)
+            if not trainable:
+                param.grad = None
 
     def stacked(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         """``A`` (n, P, r, d_in) and ``B`` (n, P, d_out, r) of adapters of one rank r."""

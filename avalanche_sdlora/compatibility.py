@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable, Sequence
 
-from avalanche.core import BasePlugin, SupervisedPlugin
+from avalanche.core import BasePlugin
 from avalanche.training.plugins import (
     BiCPlugin,
     CoPEPlugin,
@@ -30,7 +30,7 @@ from avalanche.training.plugins import (
 )
 
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.plugins import KnowledgeDistillationPlugin
+from avalanche_sdlora.plugins import KnowledgeDistillationPlugin, SDLoRAPlugin
 
 __all__ = ["PHASE_RESTARTS", "IncompatiblePluginError", "PhaseRestarts", "check_plugins"]
 
@@ -149,7 +149,7 @@ PHASE_RESTARTS: dict[type, Callable[[BasePlugin, object], None]] = {
 phase starts."""
 
 
-class PhaseRestarts(SupervisedPlugin, supports_distributed=True):
+class PhaseRestarts(SDLoRAPlugin, supports_distributed=True):
     """Hands SD-LoRA's ``before_training_phase`` event to the Avalanche plugins that know only
     experiences (:data:`PHASE_RESTARTS`): EarlyStopping's patience restarts with each phase, and
     RWalk's parameter snapshot is taken again once the experience's adapter exists."""

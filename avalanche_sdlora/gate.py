@@ -150,6 +150,8 @@ class GumbelGate(nn.Module):
     ) -> None:
         for index in self.check_indices(indices, allow_pruned=not flag):
             params[index].requires_grad_(flag)
+            if not flag:  # a stale gradient would reach plugins that read every .grad (EWC, SI)
+                params[index].grad = None
 
     def freeze_alphas(self, task_indices: Iterable[int]) -> None:
         """Stop training the magnitudes of these adapters."""
@@ -182,9 +184,8 @@ class GumbelGate(nn.Module):
                 f"cannot prune {indices}: it would leave no active adapter (active: "
                 f"{self.active_indices})"
             )
-        for index in indices:
-            self.logits[index].requires_grad_(False)
-            self.alphas[index].requires_grad_(False)
+        self._set_requires_grad(self.logits, indices, False)
+        self._set_requires_grad(self.alphas, indices, False)
         if indices:
             pruned = self.pruned.clone()
             pruned[indices] = True

@@ -18,7 +18,20 @@ __all__ = [
     "GateTracePlugin",
     "GumbelPruningPlugin",
     "KnowledgeDistillationPlugin",
+    "SDLoRAPlugin",
 ]
+
+
+class SDLoRAPlugin(SupervisedPlugin):
+    """A plugin of :class:`~avalanche_sdlora.strategy.SDLoRA`: Avalanche's ``SupervisedPlugin``
+    plus the events of its training phases (``strategy.phase`` tells which one: 1 selection,
+    2 new task, 0 a joint phase). Subclass it to act at phase boundaries."""
+
+    def before_training_phase(self, strategy, *args, **kwargs) -> None:
+        """Called when a phase starts, after its trainable tensors and optimizer are set."""
+
+    def after_training_phase(self, strategy, *args, **kwargs) -> None:
+        """Called when a phase's epochs are done."""
 
 
 def _publish(strategy, origin: SupervisedPlugin, prefix: str, values: Mapping[str, float]) -> None:
@@ -76,7 +89,7 @@ class GumbelPruningPlugin(SupervisedPlugin, supports_distributed=True):
         model.consolidate()
 
 
-class KnowledgeDistillationPlugin(SupervisedPlugin):
+class KnowledgeDistillationPlugin(SupervisedPlugin, supports_distributed=True):
     """SD-LoRA-KD: after each training experience, the new adapter is absorbed by the old ones on
     every projection where its direction is their linear combination up to ``threshold``.
 

@@ -124,7 +124,9 @@ class SDLoRASettings:
     )
     gumbel_tau_init: float = setting(5.0, "initial Gumbel temperature", check=positive)
     gumbel_tau_final: float = setting(
-        0.5, "final (and evaluation) Gumbel temperature", check=positive
+        0.5,
+        "final (and evaluation) Gumbel temperature; written to the model's gate, which then holds it",
+        check=positive,
     )
     gumbel_anneal_rate: float = setting(
         0.999,
@@ -137,7 +139,11 @@ class SDLoRASettings:
         "sparsity regulariser of beta: gini (1 - sum beta^2) or entropy",
         choices=("gini", "entropy"),
     )
-    lambda_alpha: float = setting(1e-4, "phase-2 weight of sum alpha^2", check=at_least(0.0))
+    lambda_alpha: float = setting(
+        1e-4,
+        "weight of sum alpha^2 in phase 2, with the gate only (plain SD-LoRA, RR and KD have none)",
+        check=at_least(0.0),
+    )
     loss_on: str = setting(
         "current",
         "training cross-entropy over the current experience's classes or all seen classes",

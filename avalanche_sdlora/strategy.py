@@ -33,7 +33,7 @@ from avalanche_sdlora.gate import (
     phase_temperature,
 )
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.plugins import GumbelPruningPlugin
+from avalanche_sdlora.plugins import GumbelPruningPlugin, SDLoRAPlugin
 from avalanche_sdlora.settings import OPTIMIZERS, OptimizerFactory, SDLoRASettings
 
 __all__ = ["JOINT_PHASE", "SDLoRA", "peak_memory_mb"]
@@ -83,12 +83,14 @@ class SDLoRA(SupervisedTemplate):
     ...)))``; its epochs count across both phases and restart each experience.
 
     Each phase fires the plugin events ``before_training_phase`` and ``after_training_phase``
-    (``strategy.phase`` tells which). Avalanche plugins that know only experiences are told through
+    (``strategy.phase`` tells which) on plugins that define them (:class:`SDLoRAPlugin`). Avalanche plugins that know only experiences are told through
     :class:`~avalanche_sdlora.compatibility.PhaseRestarts`: an ``EarlyStoppingPlugin`` acts per phase
     (stopping ends the running phase; its patience restarts with each) and RWalk's snapshot includes
     the experience's adapter. Plugins that cannot train with SD-LoRA (docs/plugins.md) raise
     :class:`~avalanche_sdlora.compatibility.IncompatiblePluginError` here, naming the reason.
     """
+
+    PLUGIN_CLASS = SDLoRAPlugin
 
     def __init__(
         self,
@@ -197,6 +199,9 @@ class SDLoRA(SupervisedTemplate):
         """Within the block, the template's epoch loop runs ``epochs`` epochs of ``phase``."""
         total_epochs = self.train_epochs
         self.phase, self.train_epochs = phase, epochs
+        self._stop_training = False  # a stop request (early stopping) ends the phase it came in
+        if phase == 2:  # tau is at tau_final from phase 2 on, even after a phase 1 cut short
+            self.gate_step = max(self.gate_step, self.anneal_steps)
         self._configure_phase(phase)
         trigger_plugins(self, "before_training_phase")
         start = time.perf_counter()
@@ -278,17 +283,16 @@ class SDLoRA(SupervisedTemplate):
         return super().forward()
 
     def temperature(self, step: int) -> float:
-        """The Gumbel temperature of training step ``step`` of the current experience."""
+        """The Gumbel temperature of training step ``step`` of the current experience.
+
+        It anneals towards the model's own ``gate.tau_final`` (its evaluation temperature, which
+        travels with its state dict); ``gumbel_tau_final`` only sets it when the strategy is built.
+        """
+        tau_final = DistributedHelper.unwrap_model(self.model).gate.tau_final
+        tau_init = self.settings.gumbel_tau_init
         if self.settings.gumbel_schedule == "step":
-            return annealed_temperature(
-                step,
-                self.settings.gumbel_tau_init,
-                self.settings.gumbel_tau_final,
-                self.settings.gumbel_anneal_rate,
-            )
-        return phase_temperature(
-            step, self.anneal_steps, self.settings.gumbel_tau_init, self.settings.gumbel_tau_final
-        )
+            return annealed_temperature(step, tau_init, tau_final, self.settings.gumbel_anneal_rate)
+        return phase_temperature(step, self.anneal_steps, tau_init, tau_final)
 
     def criterion(self) -> Tensor:
         """Cross-entropy (over the current classes in training, if so set) plus the phase's penalty."""
@@ -308,7 +312,8 @@ class SDLoRA(SupervisedTemplate):
                 model.last_beta
             )
         if (
-            self.phase in (2, JOINT_PHASE)
+            model.gate_enabled
+            and self.phase in (2, JOINT_PHASE)
             and self.settings.lambda_alpha > 0
             and model.gate.active_indices
         ):
