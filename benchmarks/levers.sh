@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Screening of the levers that could make SD-LoRA's adapters pay on the study's stream (issue
 # "Adapters must matter"). Every probe: validation split (50 training images per class held out; no
-# test image is read), the first 30 classes in 3 experiences, seed 0, plain SD-LoRA against the
-# head-only control at the same settings. Two queues run at once, one thread each.
-# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a or b; default both)
+# test image is read), seed 0, plain SD-LoRA against the head-only control at the same settings.
+# Queues a and b: the first 30 classes in 3 experiences; queue c (one-*): the first 10 classes in
+# one experience, whether adaptation pays within a task at all. Queues run one thread each.
+# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a, b or c; default a and b)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -41,10 +42,18 @@ queue_b() {
   probe contour-sgd-0.1 --set benchmark.rendition=contour "${SGD01[@]}"
 }
 
+ONE=(--set benchmark.num_classes=10 --set benchmark.n_experiences=1 "${SGD01[@]}")
+queue_c() {
+  for rendition in solarize posterize contour invert grayscale; do
+    probe "one-$rendition-sgd-0.1" "${ONE[@]}" --set benchmark.rendition=$rendition
+  done
+}
+
 mkdir -p "$OUT"
 case "${2:-both}" in
   a) queue_a ;;
   b) queue_b ;;
+  c) queue_c ;;
   *) queue_a & queue_b & wait ;;
 esac
 "$PY" benchmarks/lever_table.py "$OUT"/*/metrics.json > "$OUT/table.md"

@@ -24,6 +24,7 @@ from avalanche_sdlora.absorption import KD_THRESHOLD
 from avalanche_sdlora.adapters import targets_problem
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.pruning import SelectionPruner
+from avalanche_sdlora.runner.streams import RENDITIONS
 from avalanche_sdlora.settings import SDLoRASettings, SettingsError, at_least, momentum, positive
 
 __all__ = [
@@ -269,10 +270,11 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "rendition": Setting(
             None,
             (str,),
-            "redraw every image (train and test) as grayscale, contour (a line drawing) or invert "
-            "(the negative): a stream further from the pretraining images",
+            "redraw every image (train and test): grayscale, contour (a line drawing), invert (the "
+            "negative), solarize (values >= 128 inverted) or posterize (4 levels per channel): a "
+            "stream further from the pretraining images",
             nullable=True,
-            choices=("grayscale", "contour", "invert"),
+            choices=tuple(RENDITIONS),
         ),
         "train_augmentation": Setting(True, (bool,), "random resized crop + flip in training"),
         "crop_scale": Setting(

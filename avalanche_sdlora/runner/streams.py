@@ -50,14 +50,25 @@ def _invert(image: Image.Image) -> Image.Image:
     return ImageOps.invert(image)
 
 
+def _solarize(image: Image.Image) -> Image.Image:
+    return ImageOps.solarize(image, threshold=128)
+
+
+def _posterize(image: Image.Image) -> Image.Image:
+    return ImageOps.posterize(image, bits=2)
+
+
 RENDITIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "grayscale": _grayscale,
     "contour": _contour,
     "invert": _invert,
+    "solarize": _solarize,
+    "posterize": _posterize,
 }
 """Fixed image renditions that shift a stream away from the pretraining images (train and test
 alike, before any augmentation): ``grayscale``; ``contour``, a pencil-sketch line drawing (PIL's
-CONTOUR filter on the grayscale image); ``invert``, the photographic negative."""
+CONTOUR filter on the grayscale image); ``invert``, the photographic negative; ``solarize``, every
+channel value of 128 or more inverted; ``posterize``, 4 levels per channel (2 bits)."""
 
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
