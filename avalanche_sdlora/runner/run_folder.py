@@ -167,7 +167,7 @@ def write_run_folder(
             plot_gate_trace(
                 report.gate_trace, f"{method} (seed {seed})", plots / f"gate_trace_{method}.png"
             )
-        if report.experiences and "adapters" in report.experiences[0]:
+        if report.experiences and report.experiences[-1].get("adapters"):  # head_only has none
             plot_adapters(
                 report.experiences, f"{method} (seed {seed})", plots / f"adapters_{method}.png"
             )
