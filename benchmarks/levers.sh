@@ -4,7 +4,7 @@
 # test image is read), seed 0, plain SD-LoRA against the head-only control at the same settings.
 # Queues a and b: the first 30 classes in 3 experiences; queue c (one-*): the first 10 classes in
 # one experience, whether adaptation pays within a task at all. Queues run one thread each.
-# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a, b or c; default a and b)
+# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a, b, c or d; default a and b)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -38,8 +38,6 @@ queue_b() {
   probe invert-sgd-0.01 --set benchmark.rendition=invert
   probe contour-sgd-0.01 --set benchmark.rendition=contour
   probe crop35-sgd-0.1 "${SGD01[@]}" --set benchmark.crop_scale=[0.35,1.0]
-  probe noaug-sgd-0.1 "${SGD01[@]}" --set benchmark.train_augmentation=false
-  probe contour-sgd-0.1 --set benchmark.rendition=contour "${SGD01[@]}"
 }
 
 ONE=(--set benchmark.num_classes=10 --set benchmark.n_experiences=1 "${SGD01[@]}")
@@ -49,11 +47,18 @@ queue_c() {
   done
 }
 
+queue_d() {
+  probe one-lowres-sgd-0.1 "${ONE[@]}" --set benchmark.rendition=lowres
+  probe lowres-sgd-0.1 --set benchmark.rendition=lowres "${SGD01[@]}"
+  probe contour-sgd-0.1 --set benchmark.rendition=contour "${SGD01[@]}"
+}
+
 mkdir -p "$OUT"
 case "${2:-both}" in
   a) queue_a ;;
   b) queue_b ;;
   c) queue_c ;;
+  d) queue_d ;;
   *) queue_a & queue_b & wait ;;
 esac
 "$PY" benchmarks/lever_table.py "$OUT"/*/metrics.json > "$OUT/table.md"

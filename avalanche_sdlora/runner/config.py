@@ -271,8 +271,9 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             None,
             (str,),
             "redraw every image (train and test): grayscale, contour (a line drawing), invert (the "
-            "negative), solarize (values >= 128 inverted) or posterize (4 levels per channel): a "
-            "stream further from the pretraining images",
+            "negative), solarize (values >= 128 inverted), posterize (4 levels per channel) or "
+            "lowres (a quarter of the resolution, upsampled back): a stream further from the "
+            "pretraining images",
             nullable=True,
             choices=tuple(RENDITIONS),
         ),

@@ -58,17 +58,24 @@ def _posterize(image: Image.Image) -> Image.Image:
     return ImageOps.posterize(image, bits=2)
 
 
+def _lowres(image: Image.Image) -> Image.Image:
+    small = image.resize((image.width // 4, image.height // 4), Image.Resampling.BOX)
+    return small.resize(image.size, Image.Resampling.BICUBIC)
+
+
 RENDITIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "grayscale": _grayscale,
     "contour": _contour,
     "invert": _invert,
     "solarize": _solarize,
     "posterize": _posterize,
+    "lowres": _lowres,
 }
 """Fixed image renditions that shift a stream away from the pretraining images (train and test
 alike, before any augmentation): ``grayscale``; ``contour``, a pencil-sketch line drawing (PIL's
 CONTOUR filter on the grayscale image); ``invert``, the photographic negative; ``solarize``, every
-channel value of 128 or more inverted; ``posterize``, 4 levels per channel (2 bits)."""
+channel value of 128 or more inverted; ``posterize``, 4 levels per channel (2 bits); ``lowres``, a quarter of the resolution upsampled
+back (bicubic), as the paper's 32 px CIFAR images are upsampled to ViT-B's 224."""
 
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
