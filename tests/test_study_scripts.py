@@ -1,6 +1,8 @@
-"""The scripts behind the study's SD-LoRA-RR/KD rows: residual statistics and accuracy per parameter."""
+"""The scripts behind the study: residual statistics, accuracy per parameter, and the lever table
+that measures how much the adapters buy over the head-only control."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ def _load(name: str):
 
 absorption_stats = _load("absorption_stats")
 params_vs_accuracy = _load("params_vs_accuracy")
+lever_table = _load("lever_table")
 
 
 def _fit(experience, residual, absorbed=False):
@@ -73,3 +76,36 @@ def test_points_gather_several_runs_and_refuse_a_method_twice():
     ]
     with pytest.raises(ValueError, match="'sdlora_kd' appears in more than one"):
         params_vs_accuracy.points([METRICS, METRICS])
+
+
+def _scores(last, incremental, forgetting):
+    return {
+        "last_accuracy": last,
+        "average_incremental_accuracy": incremental,
+        "average_forgetting": forgetting,
+    }
+
+
+def test_the_lever_table_gives_each_rows_gain_over_its_runs_head_only(tmp_path):
+    with_control = {
+        "methods": {
+            "sdlora_plain": {
+                "seeds": {"0": _scores(30.0, 40.0, 5.0), "1": _scores(32.0, 42.0, 7.0)}
+            },
+            "head_only": {"seeds": {"0": _scores(27.5, 39.0, 4.0), "1": _scores(28.5, 41.0, 6.0)}},
+        }
+    }
+    run = tmp_path / "lr-0.1"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(with_control))
+    alone = tmp_path / "naive-only"
+    alone.mkdir()
+    (alone / "metrics.json").write_text(
+        json.dumps({"methods": {"naive": {"seeds": {"0": _scores(5, 6, 7)}}}})
+    )
+    lines = lever_table.main([str(run / "metrics.json"), str(alone / "metrics.json")]).splitlines()
+    assert lines[2:] == [
+        "| lr-0.1 | sdlora_plain | 2 | 31.00 | 41.00 | 6.00 | +3.00 |",
+        "| lr-0.1 | head_only | 2 | 28.00 | 40.00 | 5.00 | +0.00 |",
+        "| naive-only | naive | 1 | 5.00 | 6.00 | 7.00 |  |",
+    ]
