@@ -3,8 +3,9 @@
 # "Adapters must matter"). Every probe: validation split (50 training images per class held out; no
 # test image is read), seed 0, plain SD-LoRA against the head-only control at the same settings.
 # Queues a and b: the first 30 classes in 3 experiences; queue c (one-*): the first 10 classes in
-# one experience, whether adaptation pays within a task at all. Queues run one thread each.
-# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a, b, c or d; default a and b)
+# one experience, whether adaptation pays within a task at all (queue e: at 10 epochs). Queues run
+# one thread each.
+# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a to e; default a and b)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -53,12 +54,19 @@ queue_d() {
   probe contour-sgd-0.1 --set benchmark.rendition=contour "${SGD01[@]}"
 }
 
+queue_e() {
+  probe one-natural-10ep-sgd-0.1 "${ONE[@]}" --set training.epochs=10
+  probe one-natural-10ep-r32-sgd-0.1 "${ONE[@]}" --set training.epochs=10 --set sdlora.rank=32
+  probe one-contour-10ep-sgd-0.1 "${ONE[@]}" --set training.epochs=10 --set benchmark.rendition=contour
+}
+
 mkdir -p "$OUT"
 case "${2:-both}" in
   a) queue_a ;;
   b) queue_b ;;
   c) queue_c ;;
   d) queue_d ;;
+  e) queue_e ;;
   *) queue_a & queue_b & wait ;;
 esac
 "$PY" benchmarks/lever_table.py "$OUT"/*/metrics.json > "$OUT/table.md"
