@@ -4,8 +4,8 @@
 # test image is read), seed 0, plain SD-LoRA against the head-only control at the same settings.
 # Queues a and b: the first 30 classes in 3 experiences; queue c (one-*): the first 10 classes in
 # one experience, whether adaptation pays within a task at all (queue e: at 10 epochs). Queues run
-# one thread each.
-# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a to e; default a and b)
+# one thread each. Queue f (all-*): the whole stream, 100 classes in 10 experiences.
+# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a to f; default a and b)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -60,6 +60,12 @@ queue_e() {
   probe one-contour-10ep-sgd-0.1 "${ONE[@]}" --set training.epochs=10 --set benchmark.rendition=contour
 }
 
+ALL=(--set benchmark.num_classes=100 --set benchmark.n_experiences=10)
+queue_f() {
+  probe all-contour-sgd-0.01 "${ALL[@]}" --set benchmark.rendition=contour
+  probe all-contour-sgd-0.1 "${ALL[@]}" --set benchmark.rendition=contour "${SGD01[@]}"
+}
+
 mkdir -p "$OUT"
 case "${2:-both}" in
   a) queue_a ;;
@@ -67,6 +73,7 @@ case "${2:-both}" in
   c) queue_c ;;
   d) queue_d ;;
   e) queue_e ;;
+  f) queue_f ;;
   *) queue_a & queue_b & wait ;;
 esac
 "$PY" benchmarks/lever_table.py "$OUT"/*/metrics.json > "$OUT/table.md"

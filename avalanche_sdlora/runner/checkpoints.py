@@ -4,19 +4,30 @@
 dill (which Avalanche's ``save_checkpoint`` uses) cannot find ``torch.optim.sgd.SGD`` by reference,
 pickles the class by value and fails with a ``PicklingError``. :func:`save_checkpoint` puts the
 attributes back just before it writes, so nothing changes on import.
+
+The checkpoint is written through a Python file, so a full disk raises ``OSError`` (``ENOSPC``), not
+torch's "unexpected pos" ``RuntimeError``; its provenance
+(:func:`~avalanche_sdlora.runner.ownership.provenance`) goes into the same zip archive, as one more
+record beside the pickle, before the file is renamed into place: a checkpoint and its provenance are
+never apart.
 """
 
 from __future__ import annotations
 
+import json
 import pkgutil
 import sys
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch.optim
 from avalanche import checkpointing
 from avalanche.training.templates import SupervisedTemplate
 
 from avalanche_sdlora.runner.outputs import atomic_write
+from avalanche_sdlora.runner.ownership import PROVENANCE_RECORD
 
 __all__ = ["restore_torch_optim_submodules", "save_checkpoint"]
 
@@ -29,13 +40,24 @@ def restore_torch_optim_submodules() -> None:
             setattr(torch.optim, info.name, module)
 
 
-def save_checkpoint(strategy: SupervisedTemplate, path: Path) -> None:
-    """Avalanche's checkpoint of ``strategy`` at ``path``, written atomically, without the loggers:
-    unpickled, they would write to the run folder from every rank that resumes; each resumed run
-    keeps the loggers it was built with."""
+def save_checkpoint(
+    strategy: SupervisedTemplate, path: Path, provenance: Mapping[str, Any] | None = None
+) -> None:
+    """Avalanche's checkpoint of ``strategy`` at ``path``, written atomically, with ``provenance``
+    (when given) in its archive and without the loggers: unpickled, they would write to the run
+    folder from every rank that resumes; each resumed run keeps the loggers it was built with."""
+
+    def write(target: Path) -> None:
+        with open(target, "wb") as file:
+            checkpointing.save_checkpoint(strategy, file)
+        if provenance is not None:
+            with zipfile.ZipFile(target, "a") as archive:  # torch reads records in its folder only
+                folder = archive.namelist()[0].partition("/")[0]
+                archive.writestr(f"{folder}/{PROVENANCE_RECORD}", json.dumps(provenance))
+
     restore_torch_optim_submodules()
     loggers, strategy.evaluator.loggers = strategy.evaluator.loggers, []
     try:
-        atomic_write(path, lambda target: checkpointing.save_checkpoint(strategy, target))
+        atomic_write(path, write)
     finally:
         strategy.evaluator.loggers = loggers

@@ -48,6 +48,7 @@ from avalanche_sdlora.runner.outputs import (
     trim_csv_logs,
     write_json,
 )
+from avalanche_sdlora.runner.ownership import provenance, record_config
 from avalanche_sdlora.runner.report import RunReport, summarize_run
 from avalanche_sdlora.runner.run_folder import jsonable, summarize_seeds, write_run_folder
 from avalanche_sdlora.runner.streams import (
@@ -197,6 +198,7 @@ def _run_one(
     progress = {"eval_results": [], "records": [], "world_size": world_size()}
     if progress_file.exists():
         progress = json.loads(progress_file.read_text())
+    progress["provenance"] = origin = provenance(method, seed, config)
     experiences = len(benchmark.train_stream)
     RNGManager.set_random_seeds(seed)
     strategy = _make_strategy(method, config, folder, num_classes, seed, reference)
@@ -230,7 +232,7 @@ def _run_one(
         if main:  # progress first: a crash between the two retrains this experience, never skips it
             write_json(folder / "progress.json", jsonable(progress))
             if config["experiment"]["checkpoint"]:
-                save_checkpoint(strategy, checkpoint)
+                save_checkpoint(strategy, checkpoint, origin)
             _print_progress(method, seed, index, experiences, progress)
     if main and isinstance(strategy, SDLoRA):  # the learned adapters, without the backbone
         atomic_write(folder / "adapters.safetensors", strategy.model.save_adapters)
@@ -320,7 +322,7 @@ def run_experiment(
     ``torchrun`` every rank calls this and trains each run with the others; rank 0 alone writes.
     """
     if is_main_process():
-        write_json(run_dir / "config.json", config)
+        record_config(run_dir, config)
     started = time.perf_counter()
     jobs = _jobs(config)
     workers = config["experiment"]["workers"]
