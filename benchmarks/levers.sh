@@ -5,7 +5,8 @@
 # Queues a and b: the first 30 classes in 3 experiences; queue c (one-*): the first 10 classes in
 # one experience, whether adaptation pays within a task at all (queue e: at 10 epochs). Queues run
 # one thread each. Queue f (all-*): the whole stream, 100 classes in 10 experiences.
-# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a to f; default a and b)
+# Usage: bash benchmarks/levers.sh DATA_ROOT [QUEUE]   (QUEUE a to f; default a and b;
+# "collect" copies the finished probes to benchmarks/results/levers/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -66,6 +67,20 @@ queue_f() {
   probe all-contour-sgd-0.1 "${ALL[@]}" --set benchmark.rendition=contour "${SGD01[@]}"
 }
 
+collect() {  # each finished probe's metrics and config, and the table, into benchmarks/results/levers
+  local dest=benchmarks/results/levers
+  mkdir -p "$dest"
+  for run in "$OUT"/*/metrics.json; do
+    local name
+    name=$(basename "$(dirname "$run")")
+    mkdir -p "$dest/$name"
+    cp "$run" "$(dirname "$run")/config.json" "$dest/$name/"
+    # the record names the project's default data folder, not this machine's
+    sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "$dest/$name/config.json"
+  done
+  "$PY" benchmarks/lever_table.py "$dest"/*/metrics.json > "$dest/table.md"
+}
+
 mkdir -p "$OUT"
 case "${2:-both}" in
   a) queue_a ;;
@@ -74,6 +89,7 @@ case "${2:-both}" in
   d) queue_d ;;
   e) queue_e ;;
   f) queue_f ;;
+  collect) collect; cat benchmarks/results/levers/table.md; exit 0 ;;
   *) queue_a & queue_b & wait ;;
 esac
 "$PY" benchmarks/lever_table.py "$OUT"/*/metrics.json > "$OUT/table.md"

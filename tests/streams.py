@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from avalanche.benchmarks import nc_benchmark
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 IMAGE_SIZE = 16
@@ -32,3 +35,16 @@ def separable_benchmark(experiences: int = 3, classes_per_experience: int = 2, p
         task_labels=False,
         fixed_class_order=list(range(classes)),
     )
+
+
+def write_image_tree(root: Path, per_class: int, suffix: str = ".png") -> Path:
+    """``root/train`` and ``root/val``, each with 4 class folders of ``per_class`` flat grey images
+    (class k, image i: grey level ``50 * k + 20 + 2 * i``, which identifies it)."""
+    for split in ("train", "val"):
+        for k in range(4):
+            folder = root / split / f"class_{k}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = Image.new("RGB", (12, 10), (50 * k + 20 + 2 * i,) * 3)
+                image.save(folder / f"{i}{suffix}")
+    return root

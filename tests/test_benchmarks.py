@@ -17,6 +17,7 @@ import timm
 import torch
 import torchvision.datasets.cifar
 from PIL import Image
+from streams import write_image_tree
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import transforms
 from torchvision.datasets import CIFAR100
@@ -184,14 +185,7 @@ def test_cifar_checkpoints_store_the_path_not_the_images(fake_cifar100, no_netwo
 @pytest.fixture
 def image_tree(tmp_path: Path) -> Path:
     """train/ and val/ with 4 class folders of 5 flat grey PNGs each (class k, image i: 50 * k + 20 + 2 * i)."""
-    for split in ("train", "val"):
-        for k in range(4):
-            folder = tmp_path / split / f"class_{k}"
-            folder.mkdir(parents=True)
-            for i in range(5):
-                image = Image.new("RGB", (12, 10), (50 * k + 20 + 2 * i,) * 3)
-                image.save(folder / f"{i}.png")
-    return tmp_path
+    return write_image_tree(tmp_path, per_class=5)
 
 
 def test_imagefolder_follows_the_class_order_with_class_and_sample_limits(image_tree):

@@ -101,10 +101,14 @@ COMPOSING = {
         lambda p, s: NEW_LOGIT in p.ewc_data[1],
         True,
     ),
-    "RWalk": (
+    "RWalk": (  # the logits train in phase 1 only: their phase-2 importance has no gradient
         lambda: [RWalkPlugin()],
-        lambda p, s: ("gate.logits.0" in p.exp_penalties, NEW_LOGIT in p.checkpoint_scores),
-        (True, True),
+        lambda p, s: (
+            "gate.alphas.0" in p.exp_penalties,
+            "gate.logits.0" in p.exp_penalties,
+            NEW_LOGIT in p.checkpoint_scores,
+        ),
+        (True, False, True),
     ),
     "FromScratchTraining": (  # adapter 0 is put back to its zero-B init when experience 1 starts
         lambda: [FromScratchTrainingPlugin(reset_optimizer=False)],

@@ -7,6 +7,7 @@ running (the run folder keeps what finished; ``--resume`` continues it).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import sys
@@ -14,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from avalanche_sdlora.runner import ownership
 from avalanche_sdlora.runner.config import (
     FREE_FORM_SETTINGS,
     METHODS,
@@ -77,10 +79,13 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, list[str]]:
         methods = [m.strip() for m in args.compare.split(",") if m.strip()]
         overrides.append(f"experiment.compare={json.dumps(methods)}")
     if args.resume is not None:
-        saved = args.resume / "config.json"
+        saved, conflicts = args.resume / "config.json", _resume_conflicts(args)
         if not saved.is_file():
-            raise ConfigError([f"--resume {args.resume}: no config.json there (not a run folder)"])
+            raise ConfigError(
+                [*conflicts, f"--resume {args.resume}: no config.json there (not a run folder)"]
+            )
         config, problems = read_config(saved, overrides)
+        problems += conflicts + ownership.resume_problems(args.resume)
         changed = [
             f"{path}: {old!r} -> {new!r}"
             for path, old, new in _changed_settings(load_config(saved), config)
@@ -96,9 +101,28 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, list[str]]:
     if args.config is None:
         raise ConfigError(["--config is required (or --resume DIR)"])
     config, problems = read_config(args.config, overrides)
-    if args.output is not None and (args.output / "config.json").exists():
-        problems.append(f"--output {args.output} already holds a run; use --resume {args.output}")
+    taken = None if args.output is None else ownership.new_folder_problem(args.output)
+    if taken is not None:
+        problems.append(f"--output {taken}")
     return config, problems
+
+
+def _resume_conflicts(args: argparse.Namespace) -> list[str]:
+    """``--config`` and ``--output`` next to ``--resume``, which would ignore them: a run keeps its
+    folder and its config."""
+    conflicts = []
+    if args.config is not None:
+        conflicts.append(
+            f"--config {args.config} cannot go with --resume {args.resume}: a resume continues "
+            f"with the run's own {args.resume / 'config.json'}; leave out --config (--set "
+            "key=value changes the settings a resume may change), or start a new run"
+        )
+    if args.output is not None:
+        conflicts.append(
+            f"--output {args.output} cannot go with --resume {args.resume}: a resume continues in "
+            "the run's own folder; leave out --output, or copy the folder and resume the copy"
+        )
+    return conflicts
 
 
 def _run_dir(args: argparse.Namespace, config: dict) -> Path:
@@ -189,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not concerns(problems, "experiment", "training.batch_size"):
             problems += distributed.launch_problems(config, processes)
 
-        backbone = preflight(config, args.resume, problems)
+        backbone = preflight(config, args.resume, problems, output=args.output)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -207,8 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir, fresh = distributed.share_from_main((run_dir, fresh))
     main_process = distributed.is_main_process()
     where = f" (rank {distributed.rank()} of {processes})" if processes > 1 else ""
-    started = time.perf_counter()
+    started, held = time.perf_counter(), False
     try:
+        # one process writes a run folder: under torchrun rank 0 holds the lock for every rank
+        refusal = ownership.take_lock(run_dir, args.resume is None) if main_process else None
+        held = main_process and refusal is None
+        if processes > 1:
+            refusal = distributed.share_from_main(refusal)
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         run_experiment(config, run_dir, backbone)
     except KeyboardInterrupt:
         print(f"interrupted{where}", file=sys.stderr)
@@ -216,11 +248,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_way_on(run_dir, fresh), file=sys.stderr)
         return EXIT_FAILURE
     except Exception as error:  # a failure while running: keep what finished, say how to go on
-        print(f"error while running{where}: {type(error).__name__}: {error}", file=sys.stderr)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            print(
+                f"error while running{where}: no space left on device for the run folder "
+                f"{run_dir} ({error}); free some space on its disk first",
+                file=sys.stderr,
+            )
+        else:
+            print(f"error while running{where}: {type(error).__name__}: {error}", file=sys.stderr)
         if main_process:
             print(_way_on(run_dir, fresh), file=sys.stderr)
         return EXIT_FAILURE
     finally:
+        if held:
+            ownership.release_lock(run_dir)
         if processes > 1:
             distributed.leave_process_group()
     if main_process:

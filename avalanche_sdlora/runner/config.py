@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from timm.models import PretrainedCfg
+
 from avalanche_sdlora.absorption import KD_THRESHOLD
 from avalanche_sdlora.adapters import targets_problem
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.pruning import SelectionPruner
-from avalanche_sdlora.runner.streams import RENDITIONS
+from avalanche_sdlora.runner.streams import INTERPOLATIONS, RENDITIONS
 from avalanche_sdlora.settings import SDLoRASettings, SettingsError, at_least, momentum, positive
 
 __all__ = [
@@ -81,6 +83,8 @@ class Setting:
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = None
     """Returns what is wrong with a value of the right type (``None`` when it is fine)."""
+    entry_check: Callable[[str, Any], str | None] | None = None
+    """For a dict: returns what is wrong with one key and its value, named by the key's own path."""
 
     def problem(self, value: Any) -> str | None:
         if value is None:
@@ -140,11 +144,44 @@ def _rank_schedule(v: dict) -> str | None:
     return None
 
 
+RUN_NAME_BYTES = 255 - len("-20240101-120000")
+"""A run folder ``runs/<name>-<time>`` must fit the 255-byte limit of a file name."""
+
+
 def _run_name(v: str) -> str | None:
-    """A run name becomes the folder ``runs/<name>``: one plain path component."""
-    if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v) and ".." not in v:
-        return None
-    return "must be a plain folder name: letters, digits, '_', '-' and '.', no '/' or '..'"
+    """A run name becomes the folder ``runs/<name>`` (or ``runs/<name>-<time>``): one plain path
+    component, short enough for the file system."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", v) or ".." in v:
+        return "must be a plain folder name: letters, digits, '_', '-' and '.', no '/' or '..'"
+    if len(v) > RUN_NAME_BYTES:
+        return (
+            f"must be at most {RUN_NAME_BYTES} characters, not {len(v)} (the run folder "
+            "runs/<name>-<time> must fit the file system's 255-byte limit on a name)"
+        )
+    return None
+
+
+_PRETRAINED_CFG_KEYS = sorted(field.name for field in dataclasses.fields(PretrainedCfg))
+
+
+def _pretrained_cfg_entry(key: str, value: Any) -> str | None:
+    """One key of ``backbone.pretrained_cfg``: a field of timm's ``PretrainedCfg``; the ones the
+    data transforms read hold values they can use (timm only asserts, or fails with a KeyError)."""
+    if key not in _PRETRAINED_CFG_KEYS:
+        close = difflib.get_close_matches(key, _PRETRAINED_CFG_KEYS, n=1, cutoff=0.5)
+        guess = f"did you mean {close[0]!r}? " if close else ""
+        return f"not a key of timm's pretrained config; {guess}valid keys: {_PRETRAINED_CFG_KEYS}"
+    ints = isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    )
+    if key == "input_size" and not (ints and len(value) == 3):
+        return f"must be [channels, height, width], 3 ints >= 1, got {value!r}"
+    if key == "interpolation" and value not in INTERPOLATIONS:
+        return f"{value!r} is not allowed; choose from {list(INTERPOLATIONS)}"
+    number = isinstance(value, _NUMBER) and not isinstance(value, bool)
+    if key == "crop_pct" and not (number and 0 < value < math.inf):
+        return f"must be a number > 0 (the eval crop's share of the resized image), got {value!r}"
+    return None
 
 
 def _optimizer(lr: float, optimizer: str = "sgd") -> dict[str, Setting]:
@@ -306,6 +343,7 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             {},
             (dict,),
             "overrides of timm's pretrained config (mean, std, input_size, crop_pct, interpolation): the data transforms follow it",
+            entry_check=_pretrained_cfg_entry,
         ),
         "precision": Setting("fp32", (str,), "bf16 uses autocast", choices=("fp32", "bf16")),
     },
@@ -436,6 +474,12 @@ def validate(
                 problems.append(f"{where}: expected a section (object), got {value!r}")
         elif (problem := node.problem(value)) is not None:
             problems.append(f"{where}: {problem}, got {value!r}")
+        elif node.entry_check is not None:
+            problems += [
+                f"{where}.{entry}: {problem}"
+                for entry, item in value.items()
+                if (problem := node.entry_check(entry, item)) is not None
+            ]
     return problems
 
 
@@ -506,30 +550,53 @@ def apply_override(config: dict[str, Any], assignment: str) -> None:
     section[leaf] = value
 
 
+def _objects(node: Any, repeated: list[str], path: str = "") -> Any:
+    """JSON parsed with ``object_pairs_hook=tuple`` (each object a tuple of its key-value pairs),
+    with dicts for objects; the dotted path of every key an object gives more than once goes to
+    ``repeated``, since a dict would silently keep only its last value."""
+    if isinstance(node, tuple):
+        keys = [key for key, _ in node]
+        repeated += [f"{path}{key}" for key in dict.fromkeys(keys) if keys.count(key) > 1]
+        return {key: _objects(value, repeated, f"{path}{key}.") for key, value in node}
+    if isinstance(node, list):
+        return [_objects(item, repeated, f"{path}{i}.") for i, item in enumerate(node)]
+    return node
+
+
 def read_config(
     path: str | Path | None = None, overrides: Sequence[str] = ()
 ) -> tuple[dict[str, Any], list[str]]:
     """A JSON config with ``--set`` overrides applied and the defaults filled in, and every problem
     found in it (one line each, starting with the setting's dotted path).
 
-    Raises ``ConfigError`` only when there is nothing to check (the file is missing or not a JSON
-    object). With problems, the values are kept as given, so a check that reads a setting named in
+    Raises ``ConfigError`` only when there is nothing to check (the file is missing, not UTF-8 or
+    not a JSON object). With problems, the values are kept as given, so a check that reads a setting named in
     a problem must be skipped (:func:`concerns`). Settings are checked against each other only once
     each is valid on its own.
     """
     user: dict[str, Any] = {}
+    problems: list[str] = []
     if path is not None:
         try:
-            user = json.loads(Path(path).read_text())
+            pairs = json.loads(Path(path).read_text("utf-8"), object_pairs_hook=tuple)
         except FileNotFoundError:
             raise ConfigError([f"config file {path} does not exist"]) from None
         except IsADirectoryError:
             raise ConfigError([f"config file {path} is a directory; give a JSON file"]) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                [f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})"]
+            ) from None
         except json.JSONDecodeError as error:
             raise ConfigError([f"config file {path} is not valid JSON: {error}"]) from None
-        if not isinstance(user, dict):
+        if not isinstance(pairs, tuple):
             raise ConfigError([f"config file {path} must hold a JSON object"])
-    problems = []
+        repeated: list[str] = []
+        user = _objects(pairs, repeated)
+        problems += [
+            f"{key}: given more than once in {path} (JSON would keep only the last); keep one"
+            for key in repeated
+        ]
     for assignment in overrides:
         try:
             apply_override(user, assignment)
@@ -600,11 +667,21 @@ def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[st
             f"({benchmark['n_experiences']}), got {benchmark['num_classes']}"
         )
     methods = [config["experiment"]["strategy"], *config["experiment"]["compare"]]
-    gated_kd = []
+    gated_kd, reduced = [], []
     for method in dict.fromkeys(methods):
-        settings = {**sdlora, **SDLORA_VARIANTS.get(method, {"knowledge_distillation": False})}
+        if method not in SDLORA_VARIANTS:
+            continue
+        settings = {**sdlora, **SDLORA_VARIANTS[method]}
         if settings["knowledge_distillation"] and settings["gate"]:
             gated_kd.append(method)
+        if settings["rank_reduction"]:
+            reduced.append(method)
+    larger = {k: r for k, r in sdlora["rank_schedule"].items() if r > sdlora["rank"]}
+    if reduced and larger:
+        problems.append(
+            f"sdlora.rank_schedule: rank reduction ({', '.join(reduced)}) gives later adapters "
+            f"smaller ranks, so each must be <= sdlora.rank ({sdlora['rank']}), got {larger}"
+        )
     if gated_kd:
         problems.append(
             "sdlora.knowledge_distillation: SD-LoRA-KD is defined for plain SD-LoRA (gate off), "

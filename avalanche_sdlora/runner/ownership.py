@@ -85,7 +85,9 @@ def checkpoint_provenance(path: Path) -> dict[str, Any] | None:
     an unreadable one)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith(f"/{PROVENANCE_RECORD}")), None)
+            name = next(
+                (n for n in archive.namelist() if n.endswith(f"/{PROVENANCE_RECORD}")), None
+            )
             return None if name is None else json.loads(archive.read(name))
     except (OSError, ValueError, zipfile.BadZipFile):
         return None
@@ -106,7 +108,10 @@ def _read_marker(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     marker = json.loads(path.read_text())
-    if not isinstance(marker, dict) or not {"config_sha256", "earlier_config_sha256"} <= marker.keys():
+    if (
+        not isinstance(marker, dict)
+        or not {"config_sha256", "earlier_config_sha256"} <= marker.keys()
+    ):
         raise ValueError("not a marker the runner wrote")
     return marker
 
@@ -118,14 +123,20 @@ def record_config(run_dir: Path, config: Mapping[str, Any]) -> None:
     before it, accepted by :func:`resume_problems`."""
     from avalanche_sdlora.runner.outputs import write_json  # imports Avalanche: only when running
 
-    digest, config_file, marker = config_sha256(config), run_dir / "config.json", _read_marker(run_dir)
+    digest, config_file, marker = (
+        config_sha256(config),
+        run_dir / "config.json",
+        _read_marker(run_dir),
+    )
     if marker is None:
         write_json(config_file, config)
         fresh = {"format": MARKER_FORMAT, "created": _now(), "config_sha256": digest}
         write_json(run_dir / MARKER, {**fresh, "earlier_config_sha256": []})
     elif marker["config_sha256"] != digest:
         earlier = [*marker["earlier_config_sha256"], marker["config_sha256"]]
-        write_json(run_dir / MARKER, {**marker, "config_sha256": digest, "earlier_config_sha256": earlier})
+        write_json(
+            run_dir / MARKER, {**marker, "config_sha256": digest, "earlier_config_sha256": earlier}
+        )
         write_json(config_file, config)
 
 
@@ -133,6 +144,10 @@ def new_folder_problem(run_dir: Path) -> str | None:
     """Why a new run cannot start in ``run_dir``, which the runner then never writes into: it holds a
     run, or anything else; None for a new or empty folder (a lock alone counts as empty: it then
     names the run that is starting there)."""
+    try:
+        run_dir.exists()
+    except OSError as error:  # a name the file system cannot hold (over 255 bytes, say)
+        return f"{run_dir} cannot be a folder here: {error.strerror}"
     if (run_dir / MARKER).exists() or (run_dir / "config.json").exists():
         return f"{run_dir} already holds a run; use --resume {run_dir} to continue it"
     if run_dir.exists() and not run_dir.is_dir():
@@ -149,7 +164,9 @@ def _foreign(path: Path, origin: Mapping[str, Any], known: list[str] | None) -> 
     """Why the file ``path``, with provenance ``origin``, belongs to another run than its folder's;
     ``known``: the hashes this run's config has had (None for a run from before markers)."""
     folder = path.parent
-    way_out = f"put back this run's own file, or delete {folder} to train that run again from its start"
+    way_out = (
+        f"put back this run's own file, or delete {folder} to train that run again from its start"
+    )
     method, seed = origin.get("method"), origin.get("seed")
     if (method, f"seed{seed}") != (folder.parent.name, folder.name):
         return (

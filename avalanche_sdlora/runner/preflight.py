@@ -1,27 +1,35 @@
-"""Everything that can fail before work starts, checked together: the data and its split, the
-device, the backbone and its weights, a resumed run's files."""
+"""Everything that can fail before work starts, checked together: the data and its split (every
+image of an ImageFolder tree), the device, the backbone and its weights (probed on one image), the
+output folder, a resumed run's files."""
 
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from avalanche_sdlora.distributed import launched_processes, process_device
 from avalanche_sdlora.runner.backbones import BackboneError, build_backbone
 from avalanche_sdlora.runner.config import SDLORA_VARIANTS, ConfigError, concerns, methods_of
 from avalanche_sdlora.runner.streams import (
+    backbone_transforms,
     check_dataset,
     dataset_classes,
     download_cifar100,
+    image_tree_problems,
     split_problems,
 )
 
-__all__ = ["check_run_files", "preflight"]
+__all__ = ["check_run_files", "output_problems", "preflight"]
+
+NAME_BYTES = 255
+"""The longest file or folder name Linux file systems take (``NAME_MAX``)."""
 
 
 def _ensure_dataset(benchmark: Mapping[str, Any]) -> None:
@@ -32,6 +40,68 @@ def _ensure_dataset(benchmark: Mapping[str, Any]) -> None:
         if not (benchmark["download"] and benchmark["name"] == "split_cifar100"):
             raise
         download_cifar100(benchmark["root"])
+
+
+def output_problems(option: str, folder: Path) -> list[str]:
+    """Why the run folder ``folder`` (given as ``option``) could not be written: a name too long for
+    the file system, a file in place of a parent folder, a read-only file system, no write
+    permission. Nothing is written to find out. (A file or a device such as ``/dev/null`` in the
+    folder's own place is :func:`~avalanche_sdlora.runner.ownership.new_folder_problem`'s.)"""
+    long = [part for part in folder.parts if len(os.fsencode(part)) > NAME_BYTES]
+    if long:
+        return [
+            f"{option} {folder}: a file system takes names of at most {NAME_BYTES} bytes, "
+            f"{long[0][:20]}... has {len(os.fsencode(long[0]))}"
+        ]
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if existing == folder and not folder.is_dir():
+        return []
+    if not existing.is_dir():
+        return [f"{option} {folder}: {existing} is a file, not a folder; give a folder path"]
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return [f"{option} {folder}: {existing} is on a read-only file system"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{option} {folder}: {existing} is not writable (no permission to write in it)"]
+    return []
+
+
+def _probe_problem(backbone: torch.nn.Module) -> str | None:
+    """What fails when one image goes through the data transforms and the backbone (no gradient),
+    as in every training step: the transforms' size, interpolation and crop, the input channels."""
+    training = backbone.training
+    try:
+        _, transform = backbone_transforms(backbone, train_augmentation=False)
+        image = transform(Image.new("RGB", (32, 32)))
+        backbone.eval()
+        with torch.no_grad():
+            backbone(image[None])
+    except Exception as error:  # whatever fails here would fail the first training step
+        return (
+            f"backbone: one image of the data transforms fails in {type(backbone).__name__} "
+            f"({type(error).__name__}: {str(error)[:300]}); check backbone.kwargs and "
+            "backbone.pretrained_cfg"
+        )
+    finally:
+        backbone.train(training)
+    return None
+
+
+def _adapter_problems(config: Mapping[str, Any], backbone: torch.nn.Module) -> list[str]:
+    """Adapter settings the backbone cannot hold: blocks it lacks, a rank above its width (the
+    adapted projections are width x width, so a larger rank adds parameters, not capacity)."""
+    sdlora, problems = config["sdlora"], []
+    blocks, depth = sdlora["blocks"], len(backbone.blocks)
+    if blocks is not None and any(index >= depth for index in blocks):
+        problems.append(
+            f"sdlora.blocks: the backbone has {depth} blocks (0..{depth - 1}), got {blocks}"
+        )
+    width = getattr(backbone, "embed_dim", None)
+    if width is not None and sdlora["rank"] > width:
+        problems.append(
+            f"sdlora.rank: must be at most the backbone's width, {width} (an adapter of a "
+            f"{width} x {width} projection has rank {width} at most), got {sdlora['rank']}"
+        )
+    return problems
 
 
 def check_run_files(run_dir: Path) -> list[str]:
@@ -63,14 +133,20 @@ def check_run_files(run_dir: Path) -> list[str]:
 
 
 def preflight(
-    config: Mapping[str, Any], run_dir: Path | None = None, problems: Sequence[str] = ()
+    config: Mapping[str, Any],
+    run_dir: Path | None = None,
+    problems: Sequence[str] = (),
+    output: Path | None = None,
 ) -> torch.nn.Module:
-    """Everything that can fail before work starts: the data and its split, the device, the
-    backbone with its weights (returned, for the data transforms), and, for a resumed ``run_dir``,
-    its progress and checkpoint files. ``problems`` are those already found in the configuration: a
-    check that reads a setting they name is skipped, the others run. Every problem is reported
-    together in one ``ConfigError``."""
+    """Everything that can fail before work starts: the data and its split (every image of an
+    ImageFolder tree decodes), the device, the backbone with its weights (returned, for the data
+    transforms) and one image through both, the adapters it must hold, the ``--output`` folder,
+    and, for a resumed ``run_dir``, its progress and checkpoint files. ``problems`` are those
+    already found in the configuration: a check that reads a setting they name is skipped, the
+    others run. Every problem is reported together in one ``ConfigError``."""
     found = [*problems, *([] if run_dir is None else check_run_files(run_dir))]
+    if output is not None:
+        found += output_problems("--output", output)
     benchmark = config["benchmark"]
     if not concerns(problems, "benchmark.name", "benchmark.root", "benchmark.download"):
         try:
@@ -78,6 +154,8 @@ def preflight(
         except FileNotFoundError as error:
             found.append(str(error))
         else:
+            if benchmark["name"] == "imagefolder":
+                found += image_tree_problems(benchmark["root"])
             if not concerns(
                 problems,
                 "benchmark.n_experiences",
@@ -106,16 +184,17 @@ def preflight(
             backbone = build_backbone(config["backbone"])  # checks the name and weights file first
         except BackboneError as error:
             found.append(str(error))
-    if backbone is not None and not concerns(
-        problems, "sdlora.blocks", "experiment.strategy", "experiment.compare"
+        else:
+            if (probe := _probe_problem(backbone)) is not None:
+                found.append(probe)
+    if (
+        backbone is not None
+        and not concerns(
+            problems, "sdlora.blocks", "sdlora.rank", "experiment.strategy", "experiment.compare"
+        )
+        and any(method in SDLORA_VARIANTS for method in methods_of(config))
     ):
-        blocks = config["sdlora"]["blocks"]
-        uses_sdlora = any(method in SDLORA_VARIANTS for method in methods_of(config))
-        depth = len(backbone.blocks)
-        if uses_sdlora and blocks is not None and any(index >= depth for index in blocks):
-            found.append(
-                f"sdlora.blocks: the backbone has {depth} blocks (0..{depth - 1}), got {blocks}"
-            )
+        found += _adapter_problems(config, backbone)
     if found:
         raise ConfigError(found)
     return backbone

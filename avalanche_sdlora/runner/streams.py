@@ -11,10 +11,15 @@ Missing data fails fast: ``check_dataset`` runs before anything is built and nev
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
 import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from operator import methodcaller
 from pathlib import Path
 from typing import ClassVar
@@ -27,15 +32,20 @@ from avalanche.benchmarks import NCScenario, nc_benchmark
 from avalanche.benchmarks.datasets import default_dataset_location
 from avalanche.benchmarks.utils.utils import as_classification_dataset
 from avalanche.checkpointing import constructor_based_serialization
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR100, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 BENCHMARKS = ("split_cifar100", "imagefolder", "digits")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+"""The interpolations timm's ``str_to_interp_mode`` knows (``backbone.pretrained_cfg.interpolation``)."""
+SHOWN = 5
+"""How many bad files a message names (then the count of the others)."""
 
 
 def _grayscale(image: Image.Image) -> Image.Image:
@@ -184,6 +194,114 @@ def check_dataset(name: str, root: str | Path | None) -> None:
                 )
 
 
+def cache_dir() -> Path:
+    """The runner's cache: ``$XDG_CACHE_HOME/avalanche_sdlora``, by default
+    ``~/.cache/avalanche_sdlora``; never a data folder, which may be read-only."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "avalanche_sdlora"
+
+
+def _class_mismatch(train: Sequence[str], val: Sequence[str]) -> str | None:
+    """What is wrong when train/ and val/ hold different class folders (``None`` when they agree)."""
+    only = sorted(set(train) ^ set(val))
+    if not only:
+        return None
+    return f"train/ and val/ must hold the same class folders; in only one of them: {only}"
+
+
+def _named(items: Sequence[str]) -> str:
+    """The first :data:`SHOWN` of ``items``, and how many more there are."""
+    more = f", and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def _stamp(path: str) -> list[int] | None:
+    """Size and modification time of a file, which tell a changed file (``None``: unreadable)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _decode_problem(path: Path) -> str | None:
+    """Why the image at ``path`` cannot be trained on (``None`` when it decodes). It is decoded in
+    full, as training does: ``verify()`` alone passes a truncated JPEG."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return f"{path} (not an image)"
+    except Exception as error:  # whatever PIL raises here, training would raise too
+        return f"{path} ({type(error).__name__}: {error})"
+    return None
+
+
+def _verified(cache: Path, root: Path) -> dict[str, list[int]]:
+    """The images of ``root`` that decoded in an earlier run, with their :func:`_stamp`."""
+    try:
+        record = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("root") != str(root):
+        return {}
+    return record.get("files", {})
+
+
+def _undecodable(root: Path, stamps: dict[str, list[int] | None]) -> list[str]:
+    """The images that do not decode, each with why, of ``stamps`` (paths relative to ``root``, with
+    their stamps). Those that decode are recorded under :func:`cache_dir`, so a later run decodes
+    only new or changed files; a cache that cannot be read or written is ignored."""
+    key = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    cache = cache_dir() / "verified_images" / f"{key}.json"
+    verified = _verified(cache, root)
+    unchecked = [name for name, stamp in stamps.items() if not stamp or verified.get(name) != stamp]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        found = pool.map(_decode_problem, (root / name for name in unchecked))
+        problems = dict(zip(unchecked, found, strict=True))
+    good = {name: stamp for name, stamp in stamps.items() if stamp and problems.get(name) is None}
+    if good != verified:
+        with contextlib.suppress(OSError):  # no cache: the next run decodes every image again
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps({"root": str(root), "files": good}))
+            os.replace(partial, cache)
+    return [problem for problem in problems.values() if problem is not None]
+
+
+def image_tree_problems(root: str | Path) -> list[str]:
+    """What would stop an ImageFolder benchmark mid-run, each named under ``benchmark.root``: train/
+    and val/ class folders that differ, class folders without an image, and images that do not
+    decode (a non-image, a truncated file), the first few of each by path.
+
+    Every image ImageFolder would read is decoded once, on all cores, and remembered while it stays
+    unchanged (:func:`_undecodable`).
+    """
+    root = Path(root).resolve()
+    classes = {split: find_classes(root / split)[0] for split in ("train", "val")}
+    mismatch = _class_mismatch(classes["train"], classes["val"])
+    problems = [] if mismatch is None else [f"benchmark.root: {root}: {mismatch}"]
+    empty, stamps = [], {}
+    for split, names in classes.items():
+        index = {name: i for i, name in enumerate(names)}
+        samples = make_dataset(root / split, index, IMG_EXTENSIONS, allow_empty=True)
+        filled = {i for _, i in samples}
+        empty += [str(root / split / name) for name, i in index.items() if i not in filled]
+        stamps.update((path[len(str(root)) + 1 :], _stamp(path)) for path, _ in samples)
+    if empty:
+        problems.append(
+            f"benchmark.root: {len(empty)} class folder(s) hold no image "
+            f"({', '.join(IMG_EXTENSIONS)}): {_named(empty)}; ImageFolder needs at least one in "
+            "each: add images, or remove the class from both train/ and val/"
+        )
+    if bad := _undecodable(root, stamps):
+        problems.append(
+            f"benchmark.root: {len(bad)} image(s) cannot be read: {_named(bad)}; repair or "
+            "delete them"
+        )
+    return problems
+
+
 def download_cifar100(root: str | Path | None, timeout: float = 60.0) -> None:
     """Download and extract CIFAR-100 with torchvision (which checks the archive's md5) into
     ``root``. Every network read times out after ``timeout`` seconds, so an offline machine gets a
@@ -325,11 +443,8 @@ def _load(name: str, root: str | Path | None, seed: int) -> tuple[Dataset, Datas
         return LocalCIFAR100(folder, train=True), LocalCIFAR100(folder, train=False)
     if name == "imagefolder":
         train, val = ImageFolder(Path(root) / "train"), ImageFolder(Path(root) / "val")
-        if train.classes != val.classes:
-            only = sorted(set(train.classes) ^ set(val.classes))
-            raise ValueError(
-                f"{root}: train/ and val/ must hold the same class folders; in only one of them: {only}"
-            )
+        if (mismatch := _class_mismatch(train.classes, val.classes)) is not None:
+            raise ValueError(f"{root}: {mismatch}")
         return train, val
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
