@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 _BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -20,6 +21,7 @@ def _load(name: str):
 absorption_stats = _load("absorption_stats")
 params_vs_accuracy = _load("params_vs_accuracy")
 lever_table = _load("lever_table")
+ewc_stiffness = _load("ewc_stiffness")
 
 
 def _fit(experience, residual, absorbed=False):
@@ -109,3 +111,14 @@ def test_the_lever_table_gives_each_rows_gain_over_its_runs_head_only(tmp_path):
         "| lr-0.1 | head_only | 2 | 28.00 | 40.00 | 5.00 | +0.00 |",
         "| naive-only | naive | 1 | 5.00 | 6.00 | 7.00 |  |",
     ]
+
+
+def test_ewc_stiffness_sums_importances_over_experiences_and_rows_all_have():
+    first = {"w": torch.tensor([[0.1, 0.3]]), "head": torch.tensor([[0.2], [0.1]])}
+    second = {"w": torch.tensor([[0.2, 0.1]]), "head": torch.tensor([[0.05], [0.3], [0.9]])}
+    assert ewc_stiffness.stiffest([first]) == (pytest.approx(0.3), "w")
+    value, name = ewc_stiffness.stiffest([first, second])
+    assert (round(value, 6), name) == (
+        0.4,
+        "w",
+    )  # head: rows 0-1 only, 0.25 and 0.4 -> w's 0.4 first
