@@ -175,6 +175,8 @@ class GateTracePlugin(SupervisedPlugin, supports_distributed=True):
         self._beta_sum, self._steps = None, 0
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
+        if strategy.model.last_beta is None:  # no adapter yet, or none at all (head_only)
+            return
         beta = strategy.model.last_beta.detach()
         self._beta_sum = beta if self._beta_sum is None else self._beta_sum + beta
         self._steps += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,18 +68,18 @@ def momentum(value: float) -> str | None:
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
 
-def field_problem(spec: dataclasses.Field, value: Any) -> str | None:
-    """What is wrong with ``value`` for the setting ``spec``: not finite, not one of its choices (a
-    callable, such as an optimizer factory, is taken as is) or its own check; types are the
-    caller's business."""
-    if value is None:
-        return None
+def value_problem(
+    value: Any, choices: Sequence | None = None, check: Check | None = None
+) -> str | None:
+    """What is wrong with a value of the right type: not finite, not among ``choices`` (each item
+    of a list is; a callable, such as an optimizer factory, is taken as is), or what ``check``
+    says. Shared by these settings and the runner's config."""
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
-    choices = spec.metadata.get("choices")
-    if choices is not None and not callable(value) and value not in choices:
-        return f"{value!r} is not allowed; choose from {list(choices)}"
-    check = spec.metadata.get("check")
+    if choices is not None and not callable(value):
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v not in choices]
+        if bad:
+            return f"{bad[0]!r} is not allowed; choose from {list(choices)}"
     return check(value) if check else None
 
 
@@ -158,11 +158,14 @@ class SDLoRASettings:
     )
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{spec.name}: {problem}, got {getattr(self, spec.name)!r}"
-            for spec in dataclasses.fields(self)
-            if (problem := field_problem(spec, getattr(self, spec.name))) is not None
-        ]
+        problems = []
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if value is None:  # a field that may not be None never defaults to it
+                continue
+            problem = value_problem(value, spec.metadata["choices"], spec.metadata["check"])
+            if problem is not None:
+                problems.append(f"{spec.name}: {problem}, got {value!r}")
         if not problems and self.gumbel_tau_init < self.gumbel_tau_final:
             problems.append(
                 f"gumbel_tau_init: must be >= gumbel_tau_final ({self.gumbel_tau_final}), "

@@ -27,7 +27,15 @@ from avalanche_sdlora.adapters import targets_problem
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.pruning import SelectionPruner
 from avalanche_sdlora.runner.streams import INTERPOLATIONS, RENDITIONS
-from avalanche_sdlora.settings import SDLoRASettings, SettingsError, at_least, momentum, positive
+from avalanche_sdlora.settings import (
+    OPTIMIZERS,
+    SDLoRASettings,
+    SettingsError,
+    at_least,
+    momentum,
+    positive,
+    value_problem,
+)
 
 __all__ = [
     "BASELINES",
@@ -93,14 +101,7 @@ class Setting:
             return f"expected {self.expected}"
         if not isinstance(value, self.types):
             return f"expected {self.expected}"
-        if isinstance(value, float) and not math.isfinite(value):
-            return "must be a finite number"
-        if self.choices is not None:
-            values = value if isinstance(value, list) else [value]
-            bad = [v for v in values if v not in self.choices]
-            if bad:
-                return f"{bad[0]!r} is not allowed; choose from {list(self.choices)}"
-        return self.check(value) if self.check else None
+        return value_problem(value, self.choices, self.check)
 
     @property
     def expected(self) -> str:
@@ -187,7 +188,7 @@ def _pretrained_cfg_entry(key: str, value: Any) -> str | None:
 def _optimizer(lr: float, optimizer: str = "sgd") -> dict[str, Setting]:
     return {
         "lr": Setting(lr, _NUMBER, "learning rate", check=positive),
-        "optimizer": Setting(optimizer, (str,), "optimizer", choices=("sgd", "adam", "adamw")),
+        "optimizer": Setting(optimizer, (str,), "optimizer", choices=tuple(OPTIMIZERS)),
         "momentum": Setting(0.9, _NUMBER, "SGD momentum", check=momentum),
         "weight_decay": Setting(0.0, _NUMBER, "weight decay", check=at_least(0.0)),
     }

@@ -155,8 +155,7 @@ def _make_strategy(
     )
     if shared:  # every rank draws the same Gumbel noise (the global stream is per rank)
         model.generator = torch.Generator().manual_seed(seed)
-    if s["adapters"]:
-        plugins.append(GateTracePlugin())
+    plugins.append(GateTracePlugin())
     if s["pruning"]:
         pruner = {"rule": s["prune_rule"], "num_samples": s["num_samples"], "seed": seed}
         if method == RANDOM_CONTROL:

@@ -84,8 +84,9 @@ RENDITIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
 """Fixed image renditions that shift a stream away from the pretraining images (train and test
 alike, before any augmentation): ``grayscale``; ``contour``, a pencil-sketch line drawing (PIL's
 CONTOUR filter on the grayscale image); ``invert``, the photographic negative; ``solarize``, every
-channel value of 128 or more inverted; ``posterize``, 4 levels per channel (2 bits); ``lowres``, a quarter of the resolution upsampled
-back (bicubic), as the paper's 32 px CIFAR images are upsampled to ViT-B's 224."""
+channel value of 128 or more inverted; ``posterize``, 4 levels per channel (2 bits); ``lowres``, a
+quarter of the resolution upsampled back (bicubic), as the paper's 32 px CIFAR images are upsampled
+to ViT-B's 224."""
 
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -476,22 +477,18 @@ def _select(
 def _validation_split(
     targets: Sequence[int], classes: Sequence[int], per_class: int, seed: int
 ) -> tuple[list[int], list[int]]:
-    """``(train, validation)`` indices of ``classes``: ``per_class`` samples of each class (seeded
-    draw) are held out; the rest train. Raises when a class would have no training sample left."""
-    targets = np.asarray(targets)
-    rng = np.random.RandomState(seed)
-    train, held_out = [], []
+    """``(train, validation)`` indices of ``classes``: ``per_class`` samples of each class (the
+    seeded draw of :func:`_select`) are held out; the rest train. Raises when a class would have no
+    training sample left."""
+    counts = Counter(np.asarray(targets).tolist())
     for c in classes:
-        indices = np.flatnonzero(targets == c)
-        if len(indices) <= per_class:
+        if counts[c] <= per_class:
             raise ValueError(
-                f"benchmark.validation_per_class: class {c} has {len(indices)} training samples, "
+                f"benchmark.validation_per_class: class {c} has {counts[c]} training samples, "
                 f"so holding out {per_class} leaves none to train on"
             )
-        chosen = rng.choice(indices, per_class, replace=False)
-        held_out.append(chosen)
-        train.append(np.setdiff1d(indices, chosen))
-    return np.sort(np.concatenate(train)).tolist(), np.sort(np.concatenate(held_out)).tolist()
+    held_out = _select(targets, classes, per_class, seed)
+    return np.setdiff1d(_select(targets, classes, None, seed), held_out).tolist(), held_out
 
 
 def make_benchmark(
