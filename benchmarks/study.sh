@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The whole Tiny-ImageNet-100 study of benchmarks/RESULTS.md, every row at exps/tiny_imagenet.json's
+# settings (3 epochs per experience): the SD-LoRA rows and head_only on seeds 0, 1 and 2, the
+# baselines on seed 0. It runs in parts of at most about 90 minutes on one core each; a part's run
+# folder is $OUT/PART, and running a part again resumes it (a finished part is skipped). Two parts
+# can run at once (one thread each).
+#   plain      sdlora_plain, head_only          3 seeds   about 50 min
+#   variants   sdlora_rr, sdlora_kd             3 seeds   about 50 min
+#   gated      sdlora, sdlora_random, sdlora_joint  3 seeds   about 80 min
+#   baselines  naive, lwf, replay, l2p, ewc     seed 0    about 60 min
+#   cumulative cumulative                       seed 0    about 60 min
+#   replay     replay                           seeds 1, 2 (a baseline within 2 points of an SD-LoRA row)
+#   table      benchmarks/results/study/: each part's metrics and config, and table.md
+# Usage: bash benchmarks/study.sh DATA_ROOT PART   (DATA_ROOT: the cl/ split of Tiny-ImageNet)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${1:?usage: bash $0 DATA_ROOT PART}
+PART=${2:?usage: bash $0 DATA_ROOT PART}
+OUT=${OUT:-runs/study}
+
+part() {  # part NAME STRATEGY COMPARE SEEDS
+  local name=$1 strategy=$2 compare=$3 seeds=$4
+  [ -f "$OUT/$name/metrics.json" ] && return 0
+  if [ -d "$OUT/$name" ]; then
+    "$PY" -m avalanche_sdlora.run --resume "$OUT/$name" >> "$OUT/$name.log" 2>&1
+    return
+  fi
+  /usr/bin/time -f "%e s wall" -a -o "$OUT/$name.time" \
+    "$PY" -m avalanche_sdlora.run --config exps/tiny_imagenet.json --output "$OUT/$name" \
+    --set benchmark.root="$DATA" --set experiment.strategy="$strategy" \
+    --set experiment.compare="$compare" --set experiment.seeds="$seeds" \
+    --set experiment.baseline_seeds="$seeds" \
+    --set experiment.workers=1 --set experiment.threads=1 > "$OUT/$name.log" 2>&1
+}
+
+table() {
+  local dest=benchmarks/results/study
+  mkdir -p "$dest"
+  for run in "$OUT"/*/metrics.json; do
+    local name
+    name=$(basename "$(dirname "$run")")
+    mkdir -p "$dest/$name"
+    cp "$run" "$(dirname "$run")"/{config.json,summary.md} "$dest/$name/"
+    # the record names the project's default data folder, not this machine's
+    sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "$dest/$name/config.json"
+  done
+  "$PY" benchmarks/study_table.py "$dest"/*/metrics.json > "$dest/table.md"
+  cat "$dest/table.md"
+}
+
+mkdir -p "$OUT"
+case "$PART" in
+  plain) part plain sdlora_plain '["head_only"]' "[0,1,2]" ;;
+  variants) part variants sdlora_rr '["sdlora_kd"]' "[0,1,2]" ;;
+  gated) part gated sdlora '["sdlora_random","sdlora_joint"]' "[0,1,2]" ;;
+  baselines) part baselines naive '["lwf","replay","l2p","ewc"]' "[0]" ;;
+  cumulative) part cumulative cumulative "[]" "[0]" ;;
+  replay) part replay replay "[]" "[1,2]" ;;
+  table) table ;;
+  *) echo "unknown part $PART: plain, variants, gated, baselines, cumulative, replay or table" >&2; exit 2 ;;
+esac
