@@ -1,12 +1,13 @@
 """Why EWC turns NaN on the study: its penalty grows stiffer than SGD can follow.
 
-    python benchmarks/ewc_stiffness.py DATA_ROOT [--experiences 7] [--set key=value ...]
+    python benchmarks/ewc_stiffness.py DATA_ROOT [--experiences 10] [--set key=value ...]
 
-Trains the runner's EWC baseline (exps/tiny_imagenet.json, "separate" mode) experience by
-experience and prints, after each, the largest summed importance ``max_i sum_k F_k[i]`` and the
-ratio of the penalty's curvature to SGD-with-momentum's stability limit,
-``lr * 2 * lambda * max sum F / (2 * (1 + momentum))``. Past 1 the penalty alone makes the
-parameter oscillate with growing amplitude, and the training loss soon turns NaN.
+Trains the runner's EWC baseline (exps/tiny_imagenet.json; ``--set baselines.ewc.mode=separate``
+for the mode that turned NaN) experience by experience and prints, after each, the largest
+importance its penalty carries (separate mode: ``max_i sum_k F_k[i]``; online mode: the decayed
+sum) and the ratio of the penalty's curvature to SGD-with-momentum's stability limit,
+``lr * 2 * lambda * max F / (2 * (1 + momentum))``. Past 1 the penalty alone makes the parameter
+oscillate with growing amplitude, and the training loss soon turns NaN.
 """
 
 from __future__ import annotations
@@ -35,10 +36,19 @@ def stiffest(importances: Sequence[Mapping[str, torch.Tensor]]) -> tuple[float, 
     return best, where
 
 
+def penalty_importances(
+    importances: Mapping[int, Mapping[str, torch.Tensor]], index: int, mode: str
+) -> list[dict[str, torch.Tensor]]:
+    """The importances EWC's penalty carries after experience ``index``: separate mode sums one per
+    finished experience; online mode keeps one, the old ones already decayed into it."""
+    kept = range(index + 1) if mode == "separate" else [index]
+    return [{name: value.data for name, value in importances[i].items()} for i in kept]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="the cl/ split of Tiny-ImageNet")
-    parser.add_argument("--experiences", type=int, default=7)
+    parser.add_argument("--experiences", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     config = load_config(
@@ -62,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     for index, experience in enumerate(benchmark.train_stream[: args.experiences]):
         strategy.train(experience)
         loss = strategy.loss.item()
-        importances = [{k: v.data for k, v in ewc.importances[i].items()} for i in range(index + 1)]
-        stiffness, where = stiffest(importances)
+        stiffness, where = stiffest(penalty_importances(ewc.importances, index, settings["mode"]))
         ratio = settings["lr"] * 2 * settings["ewc_lambda"] * stiffness / limit
         print(
             f"experience {index}: last step's loss {loss:.3f}; max sum_k F = {stiffness:.3g} "

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_small_vit
+
+from avalanche_sdlora.runner.baselines import make_baseline
+from avalanche_sdlora.runner.config import defaults
 
 _BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -122,3 +126,25 @@ def test_ewc_stiffness_sums_importances_over_experiences_and_rows_all_have():
         0.4,
         "w",
     )  # head: rows 0-1 only, 0.25 and 0.4 -> w's 0.4 first
+
+
+@pytest.mark.parametrize(
+    ("overrides", "mode", "decay"),
+    [({}, "online", 0.5), ({"mode": "separate"}, "separate", None)],
+)
+def test_ewc_baseline_gets_the_configured_mode_and_decay(overrides, mode, decay):
+    settings = {**defaults()["baselines"]["ewc"], **overrides}
+    strategy = make_baseline(
+        "ewc", make_small_vit(), settings, num_classes=4, train_mb_size=8, train_epochs=1,
+        eval_mb_size=8, device="cpu",
+    )  # fmt: skip
+    ewc = next(p for p in strategy.plugins if type(p).__name__ == "EWCPlugin")
+    assert (ewc.mode, ewc.decay_factor, ewc.ewc_lambda) == (mode, decay, 5000.0)
+
+
+def test_ewc_stiffness_reads_every_importance_in_separate_mode_and_the_last_in_online_mode():
+    importances = {0: {"w": torch.tensor([[0.4]])}, 1: {"w": torch.tensor([[0.5]])}}
+    separate = ewc_stiffness.penalty_importances(importances, 1, "separate")
+    online = ewc_stiffness.penalty_importances(importances, 1, "online")
+    assert ewc_stiffness.stiffest(separate) == (pytest.approx(0.9), "w")
+    assert ewc_stiffness.stiffest(online) == (pytest.approx(0.5), "w")

@@ -80,7 +80,13 @@ def make_baseline(
     if method == "naive":
         return Naive(**common)
     if method == "ewc":
-        return EWC(**common, ewc_lambda=settings["ewc_lambda"], mode="separate")
+        online = settings["mode"] == "online"
+        return EWC(
+            **common,
+            ewc_lambda=settings["ewc_lambda"],
+            mode=settings["mode"],
+            decay_factor=settings["decay_factor"] if online else None,
+        )
     if method == "lwf":
         return LwF(**common, alpha=settings["alpha"], temperature=settings["temperature"])
     if method == "replay":

@@ -422,6 +422,19 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
         "ewc": {
             **_optimizer(1e-3),
             "ewc_lambda": Setting(5000.0, _NUMBER, "EWC penalty weight", check=at_least(0.0)),
+            "mode": Setting(
+                "online",
+                (str,),
+                "online: one importance, decayed by decay_factor each experience; separate: one "
+                "per experience, summed (its stiffness grows with the stream: NaN on the study)",
+                choices=("online", "separate"),
+            ),
+            "decay_factor": Setting(
+                0.5,
+                _NUMBER,
+                "online mode: weight of the old importance, so the sum stays below max F / (1 - it)",
+                check=momentum,
+            ),
         },
         "lwf": {
             **_optimizer(1e-3),
