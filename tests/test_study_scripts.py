@@ -26,6 +26,7 @@ absorption_stats = _load("absorption_stats")
 params_vs_accuracy = _load("params_vs_accuracy")
 lever_table = _load("lever_table")
 ewc_stiffness = _load("ewc_stiffness")
+study_table = _load("study_table")
 
 
 def _fit(experience, residual, absorbed=False):
@@ -148,3 +149,32 @@ def test_ewc_stiffness_reads_every_importance_in_separate_mode_and_the_last_in_o
     online = ewc_stiffness.penalty_importances(importances, 1, "online")
     assert ewc_stiffness.stiffest(separate) == (pytest.approx(0.9), "w")
     assert ewc_stiffness.stiffest(online) == (pytest.approx(0.5), "w")
+
+
+def _study_report(accuracy, forgetting, params, adapters=None):
+    experience = {"trainable_parameters": params, "active_adapters": adapters, "wall_seconds": 5.0}
+    return {
+        "last_accuracy": accuracy,
+        "average_incremental_accuracy": accuracy + 10,
+        "average_forgetting": forgetting,
+        "experiences": [dict(experience, wall_seconds=3.0), experience],
+    }
+
+
+def test_study_table_gathers_a_methods_seeds_over_parts_and_compares_with_head_only():
+    plain = {
+        "methods": {
+            "sdlora_plain": {"seeds": {"0": _study_report(24.0, 10.0, 900, 10)}},
+            "head_only": {"seeds": {"0": _study_report(22.0, 9.0, 300, 0)}},
+        }
+    }
+    baselines = {"methods": {"replay": {"seeds": {"0": _study_report(20.0, 30.0, 5000)}}}}
+    replay = {"methods": {"replay": {"seeds": {"1": _study_report(22.0, 34.0, 5000)}}}}
+    lines = study_table.table([replay, baselines, plain]).splitlines()
+    assert lines[2:] == [
+        "| head_only | 1 | 22.00 | 32.00 | 9.00 | 0 | 300 | 8 | +0.00 |",
+        "| sdlora_plain | 1 | 24.00 | 34.00 | 10.00 | 10 | 900 | 8 | +2.00 |",
+        "| replay | 2 | 21.00 ± 1.00 | 31.00 | 32.00 ± 2.00 |  | 5,000 | 8 | -1.00 |",
+    ]
+    with pytest.raises(ValueError, match="replay seed 0 appears in two parts"):
+        study_table.table([baselines, baselines])

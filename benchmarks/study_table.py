@@ -1,0 +1,107 @@
+"""The study's table: one row per method over the parts it ran in, with the difference from head_only.
+
+    python benchmarks/study_table.py benchmarks/results/study/*/metrics.json
+
+The study (``benchmarks/study.sh``) runs in parts, each with its own ``metrics.json``; a method's
+seeds may come from several parts (replay: seed 0 with the baselines, seeds 1 and 2 on their own).
+Each row gives last accuracy and average forgetting (mean ± population std over seeds, %, as in
+the runner's summary), average incremental accuracy, the adapters active at the end, the trainable
+parameters at the end, the mean wall time of a run, and last accuracy minus ``head_only``'s: how
+much the method buys over a trained head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+CONTROL = "head_only"
+ORDER = (
+    "head_only",
+    "sdlora",
+    "sdlora_random",
+    "sdlora_joint",
+    "sdlora_plain",
+    "sdlora_rr",
+    "sdlora_kd",
+    "simplecil",
+    "ranpac",
+    "naive",
+    "ewc",
+    "lwf",
+    "replay",
+    "cumulative",
+    "l2p",
+)
+
+
+def seeds_by_method(metrics: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Mapping]]:
+    """Every method's per-seed reports, gathered over the parts; a seed run twice is an error."""
+    gathered: dict[str, dict[str, Mapping]] = {}
+    for part in metrics:
+        for method, entry in part["methods"].items():
+            seeds = gathered.setdefault(method, {})
+            for seed, report in entry["seeds"].items():
+                if seed in seeds:
+                    raise ValueError(f"{method} seed {seed} appears in two parts")
+                seeds[seed] = report
+    ranked = sorted(gathered, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    return {method: gathered[method] for method in ranked}
+
+
+def _mean_std(values: list[float]) -> str:
+    spread = f" ± {statistics.pstdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.2f}{spread}"
+
+
+def row(method: str, seeds: Mapping[str, Mapping], control: float | None) -> str:
+    """One markdown row of the table."""
+    reports = list(seeds.values())
+    last = [r["last_accuracy"] for r in reports]
+    final = [r["experiences"][-1] for r in reports]
+    adapters = [e["active_adapters"] for e in final if e.get("active_adapters") is not None]
+    gain = "" if control is None else f"{statistics.fmean(last) - control:+.2f}"
+    cells = [
+        method,
+        str(len(reports)),
+        _mean_std(last),
+        f"{statistics.fmean(r['average_incremental_accuracy'] for r in reports):.2f}",
+        _mean_std([r["average_forgetting"] for r in reports]),
+        f"{statistics.fmean(adapters):g}" if adapters else "",
+        f"{round(statistics.fmean(e['trainable_parameters'] for e in final)):,}",
+        f"{statistics.fmean(sum(e['wall_seconds'] for e in r['experiences']) for r in reports):.0f}",
+        gain,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(metrics: Iterable[Mapping[str, Any]]) -> str:
+    """The markdown table of the study's parts."""
+    methods = seeds_by_method(metrics)
+    control = None
+    if CONTROL in methods:
+        control = statistics.fmean(r["last_accuracy"] for r in methods[CONTROL].values())
+    lines = [
+        "| method | seeds | last acc. (%) | avg. incremental acc. (%) | avg. forgetting (%) "
+        f"| adapters kept | trainable params | wall time per run (s) | last acc. minus {CONTROL} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines.extend(row(method, seeds, control) for method, seeds in methods.items())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json of each part")
+    args = parser.parse_args(argv)
+    text = table(json.loads(path.read_text()) for path in args.metrics)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
