@@ -7,7 +7,8 @@ seeds may come from several parts (replay: seed 0 with the baselines, seeds 1 an
 Each row gives last accuracy and average forgetting (mean ± population std over seeds, %, as in
 the runner's summary), average incremental accuracy, the adapters active at the end, the trainable
 parameters at the end, the mean wall time of a run, and last accuracy minus ``head_only``'s: how
-much the method buys over a trained head.
+much the method buys over a trained head. A second table gives every seed's last accuracy of the
+methods run on several.
 """
 
 from __future__ import annotations
@@ -94,11 +95,27 @@ def table(metrics: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def per_seed(metrics: Iterable[Mapping[str, Any]]) -> str:
+    """Last accuracy of every seed of every method run on more than one, as a markdown table:
+    where two rows are close, the seeds tell whether one is ahead on every seed."""
+    methods = {m: s for m, s in seeds_by_method(metrics).items() if len(s) > 1}
+    seeds = sorted({seed for runs in methods.values() for seed in runs}, key=int)
+    lines = [
+        "| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for method, runs in methods.items():
+        cells = [f"{runs[seed]['last_accuracy']:.2f}" if seed in runs else "" for seed in seeds]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json of each part")
     args = parser.parse_args(argv)
-    text = table(json.loads(path.read_text()) for path in args.metrics)
+    metrics = [json.loads(path.read_text()) for path in args.metrics]
+    text = f"{table(metrics)}\n\nLast accuracy (%) per seed:\n\n{per_seed(metrics)}"
     print(text)
     return text
 

@@ -176,5 +176,10 @@ def test_study_table_gathers_a_methods_seeds_over_parts_and_compares_with_head_o
         "| sdlora_plain | 1 | 24.00 | 34.00 | 10.00 | 10 | 900 | 8 | +2.00 |",
         "| replay | 2 | 21.00 ± 1.00 | 31.00 | 32.00 ± 2.00 |  | 5,000 | 8 | -1.00 |",
     ]
+    assert study_table.per_seed([replay, baselines, plain]).splitlines() == [
+        "| method | seed 0 | seed 1 |",
+        "|---|---|---|",
+        "| replay | 20.00 | 22.00 |",
+    ]
     with pytest.raises(ValueError, match="replay seed 0 appears in two parts"):
         study_table.table([baselines, baselines])
