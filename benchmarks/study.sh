@@ -6,7 +6,8 @@
 # can run at once (one thread each).
 #   plain      sdlora_plain, head_only          3 seeds   about 50 min
 #   variants   sdlora_rr, sdlora_kd             3 seeds   about 50 min
-#   gated      sdlora, sdlora_random, sdlora_joint  3 seeds   about 80 min
+#   gated      sdlora, sdlora_random, sdlora_joint  3 seeds   about 80 min (the committed rows reuse
+#              the gate table of results.sh, checked: benchmarks/results/study/gated/README.md)
 #   baselines  naive, lwf, replay, l2p, ewc     seed 0    about 60 min
 #   cumulative cumulative                       seed 0    about 60 min
 #   replay     replay                           seeds 1, 2 (a baseline within 2 points of an SD-LoRA row)
