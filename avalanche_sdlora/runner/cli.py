@@ -168,10 +168,11 @@ def _fresh_run_dir(default: Path) -> Path:
 def _plan(config: dict, run_dir: Path) -> str:
 
     b, t = config["benchmark"], config["training"]
+    first = "" if b["initial_classes"] is None else f", the first of {b['initial_classes']} classes"
     return "\n".join(
         [
             f"run folder: {run_dir}",
-            f"benchmark: {b['name']} ({b['root']}), {b['n_experiences']} experiences",
+            f"benchmark: {b['name']} ({b['root']}), {b['n_experiences']} experiences{first}",
             f"backbone: {config['backbone']['name']} ({config['backbone']['precision']})",
             f"methods: {', '.join(methods_of(config))}; seeds: {config['experiment']['seeds']}"
             f" (baselines: {config['experiment']['baseline_seeds'] or config['experiment']['seeds']})",

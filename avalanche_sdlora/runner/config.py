@@ -26,7 +26,7 @@ from avalanche_sdlora.absorption import KD_THRESHOLD
 from avalanche_sdlora.adapters import targets_problem
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.pruning import SelectionPruner
-from avalanche_sdlora.runner.streams import INTERPOLATIONS, RENDITIONS
+from avalanche_sdlora.runner.streams import INTERPOLATIONS, RENDITIONS, initial_classes_problem
 from avalanche_sdlora.settings import (
     OPTIMIZERS,
     SDLoRASettings,
@@ -290,6 +290,14 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             nullable=True,
             check=at_least(1),
         ),
+        "initial_classes": Setting(
+            None,
+            (int,),
+            "classes of the first experience; the rest split evenly over the others (null: all "
+            "experiences equal; 50 with 6 experiences on CIFAR-100 is B50 Inc10)",
+            nullable=True,
+            check=at_least(1),
+        ),
         "train_per_class": Setting(
             None,
             (int,),
@@ -415,6 +423,13 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             _NUMBER,
             "frequency rule: prune below this selection frequency",
             check=_unit,
+        ),
+        "eval_nme": Setting(
+            False,
+            (bool,),
+            "also evaluate by the nearest class mean (cosine) of the features, beside the linear "
+            "head; each class's mean is taken over its training images once its experience is "
+            "trained",
         ),
     },
     "baselines": {
@@ -672,10 +687,11 @@ def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[st
         SDLoRASettings(**{name: sdlora[name] for name in SDLoRASettings.names()})
     except SettingsError as error:
         problems.extend(f"sdlora.{problem}" for problem in error.problems)
-    if (
-        benchmark["num_classes"] is not None
-        and benchmark["num_classes"] % benchmark["n_experiences"]
-    ):
+    used, initial = benchmark["num_classes"], benchmark["initial_classes"]
+    if used is not None and initial is not None:
+        if problem := initial_classes_problem(used, benchmark["n_experiences"], initial):
+            problems.append(problem)
+    elif used is not None and used % benchmark["n_experiences"]:
         problems.append(
             f"benchmark.num_classes: must be a multiple of benchmark.n_experiences "
             f"({benchmark['n_experiences']}), got {benchmark['num_classes']}"

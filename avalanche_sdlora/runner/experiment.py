@@ -42,6 +42,7 @@ from avalanche_sdlora.runner.backbones import build_backbone
 from avalanche_sdlora.runner.baselines import make_baseline
 from avalanche_sdlora.runner.checkpoints import save_checkpoint
 from avalanche_sdlora.runner.config import RANDOM_CONTROL, SDLORA_VARIANTS, methods_of, seeds_of
+from avalanche_sdlora.runner.metrics import NearestMeanPlugin, top5_accuracy
 from avalanche_sdlora.runner.outputs import (
     ResumableCSVLogger,
     atomic_write,
@@ -91,6 +92,7 @@ def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
         num_classes=settings["num_classes"],
         train_per_class=settings["train_per_class"],
         validation_per_class=settings["validation_per_class"],
+        initial_classes=settings["initial_classes"],
     )
 
 
@@ -116,6 +118,7 @@ def _make_strategy(
     )
     evaluator = EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True),
+        top5_accuracy(),
         loss_metrics(epoch=True, stream=True),
         loggers=loggers,
     )
@@ -166,6 +169,8 @@ def _make_strategy(
         plugins.insert(0, GumbelPruningPlugin(pruner=chosen))
     if s["knowledge_distillation"]:
         plugins.insert(0, KnowledgeDistillationPlugin(s["kd_threshold"]))
+    if s["eval_nme"]:
+        plugins.append(NearestMeanPlugin(num_classes))
     settings = {name: s[name] for name in SDLoRASettings.names()}
     return SDLoRA(model=model, plugins=plugins + shared, **settings, **template)
 
@@ -211,6 +216,7 @@ def _run_one(
     if main:
         trim_csv_logs(folder / "csv", start)
     workers = {"num_workers": config["benchmark"]["num_workers"]}
+    test_sizes = [len(experience.dataset) for experience in benchmark.test_stream]
     for experience in benchmark.train_stream[start:]:
         index = experience.current_experience
         began = time.perf_counter()
@@ -232,7 +238,7 @@ def _run_one(
             write_json(folder / "progress.json", jsonable(progress))
             if config["experiment"]["checkpoint"]:
                 save_checkpoint(strategy, checkpoint, origin)
-            _print_progress(method, seed, index, experiences, progress)
+            _print_progress(method, seed, index, experiences, progress, test_sizes)
     if main and isinstance(strategy, SDLoRA):  # the learned adapters, without the backbone
         atomic_write(folder / "adapters.safetensors", strategy.model.save_adapters)
     pruning = _plugin(strategy, GumbelPruningPlugin)
@@ -243,6 +249,7 @@ def _run_one(
         progress["records"],
         pruning.history if pruning else (),
         trace.trace if trace else (),
+        test_sizes=test_sizes,
         absorption_fits=absorption.history if absorption else (),
     )
 
@@ -259,8 +266,13 @@ def _plugin(strategy: SupervisedTemplate, kind: type):
     return next((p for p in strategy.plugins if isinstance(p, kind)), None)
 
 
-def _print_progress(method: str, seed: int, index: int, total: int, progress: dict) -> None:
-    seen = summarize_run(progress["eval_results"]).seen_class_accuracy[-1]
+def _print_progress(
+    method: str, seed: int, index: int, total: int, progress: dict, test_sizes: Sequence[int]
+) -> None:
+    done = len(progress["eval_results"])
+    seen = summarize_run(
+        progress["eval_results"], test_sizes=test_sizes[:done]
+    ).seen_class_accuracy[-1]
     record = progress["records"][-1]
     adapters = (
         f" | adapters {record['active_adapters']}/{record['adapters_added']}"

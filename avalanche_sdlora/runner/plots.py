@@ -1,5 +1,6 @@
-"""Plots of a run, as PNG: accuracy on the seen classes per method, accuracy matrices, each
-adapter's alpha and beta over the experiences, and last accuracy against trainable parameters.
+"""Plots of a run, as PNG: accuracy on the seen classes per method, accuracy on the old and the new
+classes, accuracy matrices, each adapter's alpha and beta over the experiences, and last accuracy
+against trainable parameters.
 
 Figures are drawn with ``matplotlib.figure.Figure`` and saved by its own canvas, never through
 ``pyplot``: no backend is chosen and no global state is touched, on import or when drawing."""
@@ -18,6 +19,7 @@ __all__ = [
     "plot_accuracy_matrix",
     "plot_adapters",
     "plot_gate_trace",
+    "plot_old_new_accuracy",
     "plot_params_vs_accuracy",
     "plot_seen_accuracy",
 ]
@@ -27,22 +29,51 @@ def _save(figure: Figure, path: Path) -> None:
     atomic_write(path, lambda target: figure.savefig(target, dpi=120, format="png"))
 
 
-def plot_seen_accuracy(curves: Mapping[str, Sequence[Sequence[float]]], path: Path) -> None:
+def _plot_over_seeds(axis, per_seed: Sequence[Sequence[float | None]], **style) -> None:
+    """One line: the mean over seeds after each experience (None: not defined there, e.g. old
+    classes after the first), with a +-1 std band where there are several seeds."""
+    values = np.asarray(per_seed, dtype=float)
+    mean, std = values.mean(axis=0), values.std(axis=0)
+    steps = np.arange(1, values.shape[1] + 1)
+    axis.plot(steps, mean, marker="o", **style)
+    if values.shape[0] > 1:
+        axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+
+
+def plot_seen_accuracy(
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    path: Path,
+    ylabel: str = "accuracy on seen classes (%)",
+) -> None:
     """Accuracy (%) on the classes seen so far after each experience; one line per method
     (mean over seeds, with a +-1 std band where there are several)."""
     figure = Figure(figsize=(7, 4.5))
     axis = figure.subplots()
     for method, per_seed in curves.items():
-        values = np.asarray(per_seed, dtype=float)
-        mean, std = values.mean(axis=0), values.std(axis=0)
-        steps = np.arange(1, values.shape[1] + 1)
-        axis.plot(steps, mean, marker="o", label=method)
-        if values.shape[0] > 1:
-            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        _plot_over_seeds(axis, per_seed, label=method)
     axis.set_xlabel("experiences trained")
-    axis.set_ylabel("accuracy on seen classes (%)")
+    axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     axis.legend()
+    _save(figure, path)
+
+
+def plot_old_new_accuracy(
+    curves: Mapping[str, tuple[Sequence[Sequence[float | None]], Sequence[Sequence[float]]]],
+    path: Path,
+) -> None:
+    """Accuracy (%) on the old classes (dashed) and on the new classes of the experience just
+    trained (solid) after each experience, one colour per method (mean over seeds)."""
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
+    for k, (method, (old, new)) in enumerate(curves.items()):
+        colour = f"C{k % 10}"
+        _plot_over_seeds(axis, new, color=colour, label=f"{method}: new classes")
+        _plot_over_seeds(axis, old, color=colour, linestyle="--", label=f"{method}: old classes")
+    axis.set_xlabel("experiences trained")
+    axis.set_ylabel("accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
     _save(figure, path)
 
 

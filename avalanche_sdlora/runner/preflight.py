@@ -161,6 +161,7 @@ def preflight(
                 "benchmark.n_experiences",
                 "benchmark.class_order",
                 "benchmark.num_classes",
+                "benchmark.initial_classes",
             ):
                 total = dataset_classes(benchmark["name"], benchmark["root"])
                 found += split_problems(
@@ -168,6 +169,7 @@ def preflight(
                     benchmark["n_experiences"],
                     benchmark["class_order"],
                     benchmark["num_classes"],
+                    benchmark["initial_classes"],
                 )
     device = (
         None

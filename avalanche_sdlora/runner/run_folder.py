@@ -8,8 +8,9 @@ Layout of a run folder::
     pruning.csv               the pruning decisions of the gated SD-LoRA runs
     absorption.csv            the direction fits of the SD-LoRA-KD runs
     summary.md                one table row per method
-    plots/*.png               seen-class accuracy, accuracy matrices, alpha/beta per adapter,
-                              last accuracy against trainable parameters (several methods)
+    plots/*.png               seen-class accuracy (top-1, nearest class mean, top-5), old- and
+                              new-class accuracy, accuracy matrices, alpha/beta per adapter, last
+                              accuracy against trainable parameters (several methods)
     <method>/seed<k>/         Avalanche's CSV and TensorBoard logs, checkpoint.pkl, progress.json
 """
 
@@ -28,6 +29,7 @@ from avalanche_sdlora.runner.plots import (
     plot_accuracy_matrix,
     plot_adapters,
     plot_gate_trace,
+    plot_old_new_accuracy,
     plot_params_vs_accuracy,
     plot_seen_accuracy,
 )
@@ -44,6 +46,10 @@ __all__ = [
 
 SUMMARY_METRICS = (
     "last_accuracy",
+    "last_top5_accuracy",
+    "last_old_class_accuracy",
+    "last_new_class_accuracy",
+    "nme_last_accuracy",
     "average_incremental_accuracy",
     "average_forgetting",
     "backward_transfer",
@@ -53,6 +59,12 @@ SUMMARY_METRICS = (
     "wall_seconds",
     "peak_memory_mb",
 )
+
+_LAST_OF = {
+    "last_old_class_accuracy": "old_class_accuracy",
+    "last_new_class_accuracy": "new_class_accuracy",
+}
+"""Summary metrics that are the last entry of a per-experience list of the report."""
 
 
 def jsonable(value: Any) -> Any:
@@ -71,14 +83,16 @@ def jsonable(value: Any) -> Any:
 
 def final_value(report: RunReport, key: str) -> float:
     """One run's figure for a summary metric: totals of time, the maximum of memory, the adapter
-    and parameter counts after the last experience."""
+    and parameter counts and the old- and new-class accuracies after the last experience; NaN for
+    what the run did not measure."""
     if key in ("train_seconds", "wall_seconds"):
         return float(sum(r.get(key, 0.0) for r in report.experiences))
     if key == "peak_memory_mb":
         return float(max(r.get(key, 0.0) for r in report.experiences))
     if key in ("active_adapters", "trainable_parameters"):
         return float(report.experiences[-1].get(key, float("nan")))
-    return float(getattr(report, key))
+    value = getattr(report, _LAST_OF[key])[-1] if key in _LAST_OF else getattr(report, key)
+    return float("nan") if value is None else float(value)
 
 
 def summarize_seeds(reports: Sequence[RunReport]) -> dict[str, dict[str, float]]:
@@ -152,9 +166,33 @@ def write_run_folder(
             },
             plots / "params_vs_accuracy.png",
         )
+    nme = {
+        f"{m} (NME)": [r.nme_seen_class_accuracy for r in s.values()]
+        for m, s in results.items()
+        if all(r.nme_seen_class_accuracy for r in s.values())
+    }
     plot_seen_accuracy(
-        {m: [r.seen_class_accuracy for r in s.values()] for m, s in results.items()},
+        {**{m: [r.seen_class_accuracy for r in s.values()] for m, s in results.items()}, **nme},
         plots / "seen_accuracy.png",
+    )
+    top5 = {
+        m: [r.top5_seen_class_accuracy for r in s.values()]
+        for m, s in results.items()
+        if all(r.top5_seen_class_accuracy for r in s.values())
+    }
+    if top5:
+        plot_seen_accuracy(
+            top5, plots / "seen_top5_accuracy.png", "top-5 accuracy on seen classes (%)"
+        )
+    plot_old_new_accuracy(
+        {
+            m: (
+                [r.old_class_accuracy for r in s.values()],
+                [r.new_class_accuracy for r in s.values()],
+            )
+            for m, s in results.items()
+        },
+        plots / "old_new_accuracy.png",
     )
     for method, per_seed in results.items():
         seed, report = next(iter(per_seed.items()))
@@ -182,8 +220,16 @@ def _cell(statistic: Mapping[str, float], seeds: int, digits: int = 2) -> str:
 
 
 def summary_table(metrics: Mapping[str, Any]) -> str:
+    measured_nme = any(
+        not np.isnan(entry["summary"]["nme_last_accuracy"]["mean"])
+        for entry in metrics["methods"].values()
+    )
     columns = (
         ("last acc. (%)", "last_accuracy", 2),
+        ("top-5 last acc. (%)", "last_top5_accuracy", 2),
+        ("last acc., old classes (%)", "last_old_class_accuracy", 2),
+        ("last acc., new classes (%)", "last_new_class_accuracy", 2),
+        *((("NME last acc. (%)", "nme_last_accuracy", 2),) if measured_nme else ()),
         ("avg. incremental acc. (%)", "average_incremental_accuracy", 2),
         ("avg. forgetting (%)", "average_forgetting", 2),
         ("active adapters", "active_adapters", 1),

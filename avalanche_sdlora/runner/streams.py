@@ -360,8 +360,30 @@ def class_order(
     return order
 
 
+def initial_classes_problem(used: int, n_experiences: int, initial_classes: int) -> str | None:
+    """What is wrong with a first experience of ``initial_classes`` of the ``used`` classes when the
+    others are split evenly, at least one each, over the other ``n_experiences - 1`` experiences
+    (``None`` when they divide)."""
+    rest = n_experiences - 1
+    fits = (
+        [i for i in range(1, used + 1) if (used - i) % rest == 0 and used - i >= rest]
+        if rest
+        else [used]
+    )
+    if initial_classes in fits:
+        return None
+    return (
+        f"benchmark.initial_classes: the other {rest} experiences must share the rest of the "
+        f"{used} classes evenly, at least one each (one of {fits}), got {initial_classes}"
+    )
+
+
 def split_problems(
-    total: int, n_experiences: int, order: Sequence[int] | None, num_classes: int | None
+    total: int,
+    n_experiences: int,
+    order: Sequence[int] | None,
+    num_classes: int | None,
+    initial_classes: int | None = None,
 ) -> list[str]:
     """What is wrong with splitting a dataset of ``total`` classes as configured, each problem named
     by its ``benchmark.*`` setting (empty when the split works)."""
@@ -377,7 +399,10 @@ def split_problems(
         )
         return problems
     used = total if num_classes is None else num_classes
-    if used % n_experiences:
+    if initial_classes is not None:
+        if (problem := initial_classes_problem(used, n_experiences, initial_classes)) is not None:
+            problems.append(problem)
+    elif used % n_experiences:
         divisors = [k for k in range(1, used + 1) if used % k == 0]
         problems.append(
             f"benchmark.n_experiences: must split the {used} classes into equal experiences "
@@ -502,12 +527,15 @@ def make_benchmark(
     num_classes: int | None = None,
     train_per_class: int | None = None,
     validation_per_class: int | None = None,
+    initial_classes: int | None = None,
     seed: int = 0,
 ) -> NCScenario:
     """A class-incremental Avalanche benchmark (no task labels) over ``order[:num_classes]``.
 
     ``order`` is the full class order (a permutation of the dataset's classes, see ``class_order``);
-    the first ``num_classes`` of them (default: all) are split into ``n_experiences`` equal experiences.
+    the first ``num_classes`` of them (default: all) are split into ``n_experiences`` equal experiences,
+    or, with ``initial_classes``, a first experience of that many classes and the rest split evenly
+    over the other experiences (B50 Inc10: 50 classes, then 5 experiences of 10).
     ``train_per_class`` keeps at most that many training samples per class (seeded draw); the test sets
     are kept whole. ``validation_per_class`` holds that many training samples of each class out
     (seeded draw, before ``train_per_class``) and makes them the test stream in place of the test
@@ -531,7 +559,9 @@ def make_benchmark(
             f"train_per_class must be at least 1 (or None for all), got {train_per_class}"
         )
     train, test = _load(name, root, seed)
-    problems = split_problems(len(train.classes), n_experiences, order, num_classes)
+    problems = split_problems(
+        len(train.classes), n_experiences, order, num_classes, initial_classes
+    )
     if problems:
         raise ValueError("; ".join(problems))
     classes = order[:num_classes]  # None: all
@@ -553,6 +583,7 @@ def make_benchmark(
         task_labels=False,
         shuffle=False,
         fixed_class_order=classes,
+        per_exp_classes=None if initial_classes is None else {0: initial_classes},
         class_ids_from_zero_from_first_exp=True,
         train_transform=train_transform,
         eval_transform=eval_transform,
