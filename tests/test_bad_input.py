@@ -40,6 +40,11 @@ CASES = [
     (["--set", "experiment.seeds=[0,0]"], "experiment.seeds: must not repeat a value"),
     (["--set", "benchmark.root=data"], "benchmark.root: digits ships with scikit-learn"),
     (["--set", "experiment.name=../../x"], "experiment.name: must be a plain folder name"),
+    (["--set", "baselines.ranpac.ridges=[]"], "baselines.ranpac.ridges: must be a non-empty list"),
+    (
+        ["--set", "baselines.ranpac.validation_fraction=1"],
+        "baselines.ranpac.validation_fraction: must be in (0, 1)",
+    ),
 ]
 
 

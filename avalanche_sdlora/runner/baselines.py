@@ -2,7 +2,8 @@
 
 Naive (full fine-tuning), EWC, LwF, Replay and Cumulative train the whole ViT with a linear head that
 grows with the classes seen (Avalanche's ``IncrementalClassifier``); L2P is Avalanche's
-``LearningToPrompt`` through :mod:`avalanche_sdlora.runner.l2p`.
+``LearningToPrompt`` through :mod:`avalanche_sdlora.runner.l2p`; SimpleCIL and RanPAC keep the
+backbone frozen and fit their classifiers in closed form (:mod:`avalanche_sdlora.runner.frozen`).
 """
 
 from __future__ import annotations
@@ -53,11 +54,19 @@ def make_baseline(
     settings: Mapping[str, Any],
     *,
     num_classes: int,
+    seed: int = 0,
     **template: Any,
 ) -> SupervisedTemplate:
     """The Avalanche strategy ``method`` on ``backbone``; ``template`` holds the shared template
     arguments (train_mb_size, train_epochs, eval_mb_size, device, plugins, evaluator).
-    ``num_classes`` (all classes of the stream) sizes L2P's fixed head."""
+    ``num_classes`` (all classes of the stream) sizes the fixed heads of L2P, SimpleCIL and
+    RanPAC; ``seed`` draws RanPAC's random projection."""
+    if method in ("simplecil", "ranpac"):
+        from avalanche_sdlora.runner.frozen import make_frozen_feature_method
+
+        return make_frozen_feature_method(
+            method, backbone, settings, num_classes=num_classes, seed=seed, **template
+        )
     if method == "l2p":
         from avalanche_sdlora.runner.l2p import make_l2p
 
@@ -94,5 +103,6 @@ def make_baseline(
     if method == "cumulative":
         return Cumulative(**common)
     raise ValueError(
-        f"unknown baseline {method!r}; choose from naive, ewc, lwf, replay, cumulative, l2p"
+        f"unknown baseline {method!r}; choose from naive, ewc, lwf, replay, cumulative, l2p, "
+        "simplecil, ranpac"
     )

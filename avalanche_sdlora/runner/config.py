@@ -26,12 +26,14 @@ from avalanche_sdlora.absorption import KD_THRESHOLD
 from avalanche_sdlora.adapters import targets_problem
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.pruning import SelectionPruner
+from avalanche_sdlora.runner.ranpac import PAPER_RIDGES
 from avalanche_sdlora.runner.streams import INTERPOLATIONS, RENDITIONS, initial_classes_problem
 from avalanche_sdlora.settings import (
     OPTIMIZERS,
     SDLoRASettings,
     SettingsError,
     at_least,
+    in_open_unit,
     momentum,
     positive,
     value_problem,
@@ -55,7 +57,7 @@ __all__ = [
     "validate",
 ]
 
-BASELINES = ("naive", "ewc", "lwf", "replay", "cumulative", "l2p")
+BASELINES = ("naive", "ewc", "lwf", "replay", "cumulative", "l2p", "simplecil", "ranpac")
 RANDOM_CONTROL = "sdlora_random"
 """Prunes, per experience, as many adapters as the ``sdlora`` run of the same seed, at random."""
 SDLORA_VARIANTS: dict[str, dict[str, bool]] = {
@@ -133,6 +135,13 @@ def _distinct_int_list(v: list) -> str | None:
     return problem
 
 
+def _ridges(v: list) -> str | None:
+    numbers = all(isinstance(x, _NUMBER) and not isinstance(x, bool) for x in v)
+    if v and numbers and all(0 < x < math.inf for x in v):
+        return None
+    return "must be a non-empty list of finite numbers > 0"
+
+
 def _rank_schedule(v: dict) -> str | None:
     """``{"experience": rank}``: keys are experience indices >= 1 in increasing order."""
     keys = [k for k in v if k.isdigit() and int(k) >= 1]
@@ -191,6 +200,24 @@ def _optimizer(lr: float, optimizer: str = "sgd") -> dict[str, Setting]:
         "optimizer": Setting(optimizer, (str,), "optimizer", choices=tuple(OPTIMIZERS)),
         "momentum": Setting(0.9, _NUMBER, "SGD momentum", check=momentum),
         "weight_decay": Setting(0.0, _NUMBER, "weight decay", check=at_least(0.0)),
+    }
+
+
+def _first_session() -> dict[str, Setting]:
+    """The optional first-session adaptation of a frozen-backbone method (RanPAC's Phase 1)."""
+    return {
+        "first_session_adaptation": Setting(
+            False,
+            (bool,),
+            "train a LoRA adapter (and a head) on the first experience for training.epochs epochs, "
+            "then merge it into the backbone, which stays frozen from then on",
+        ),
+        "adaptation_lr": Setting(
+            0.01, _NUMBER, "first-session adaptation: SGD's learning rate", check=positive
+        ),
+        "adaptation_rank": Setting(
+            10, (int,), "first-session adaptation: the adapter's rank", check=at_least(1)
+        ),
     }
 
 
@@ -468,6 +495,30 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "pool_size": Setting(10, (int,), "prompt pool size", check=at_least(1)),
             "prompt_length": Setting(5, (int,), "tokens per prompt", check=at_least(1)),
             "top_k": Setting(5, (int,), "prompts selected per input", check=at_least(1)),
+        },
+        "simplecil": {**_first_session()},
+        "ranpac": {
+            "projection_dim": Setting(
+                None,
+                (int,),
+                "M, the random projection's width (null: the paper's 10000 for ViT-B's 768 "
+                "features, scaled with the backbone's width: ceil(10000 * width / 768))",
+                nullable=True,
+                check=at_least(1),
+            ),
+            "ridges": Setting(
+                PAPER_RIDGES,
+                (list,),
+                "the ridge regulariser lambda is chosen from these (the paper's 1e-8 .. 1e8)",
+                check=_ridges,
+            ),
+            "validation_fraction": Setting(
+                0.2,
+                _NUMBER,
+                "share of each experience's training images held out to choose lambda",
+                check=in_open_unit,
+            ),
+            **_first_session(),
         },
     },
 }

@@ -42,6 +42,7 @@ from avalanche_sdlora.runner.backbones import build_backbone
 from avalanche_sdlora.runner.baselines import make_baseline
 from avalanche_sdlora.runner.checkpoints import save_checkpoint
 from avalanche_sdlora.runner.config import RANDOM_CONTROL, SDLORA_VARIANTS, methods_of, seeds_of
+from avalanche_sdlora.runner.frozen import FrozenFeatureStrategy
 from avalanche_sdlora.runner.metrics import NearestMeanPlugin, top5_accuracy
 from avalanche_sdlora.runner.outputs import (
     ResumableCSVLogger,
@@ -138,6 +139,7 @@ def _make_strategy(
             backbone,
             config["baselines"][method],
             num_classes=num_classes,
+            seed=seed,
             plugins=plugins + shared,
             **template,
         )
@@ -176,8 +178,9 @@ def _make_strategy(
 
 
 def _experience_record(strategy: SupervisedTemplate, index: int, seconds: float) -> dict:
-    """What every method reports per experience; SD-LoRA adds phases and adapters."""
-    if isinstance(strategy, SDLoRA):
+    """What every method reports per experience; SD-LoRA adds phases and adapters, RanPAC its
+    ridge."""
+    if isinstance(strategy, SDLoRA | FrozenFeatureStrategy):
         return strategy.experience_log[-1]
     trainable = sum(p.numel() for p in strategy.model.parameters() if p.requires_grad)
     return {

@@ -1,6 +1,6 @@
 """Everything that can fail before work starts, checked together: the data and its split (every
-image of an ImageFolder tree), the device, the backbone and its weights (probed on one image), the
-output folder, a resumed run's files."""
+image of an ImageFolder tree), the device, the backbone and its weights (probed on one image),
+RanPAC's memory, the output folder, a resumed run's files."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 from avalanche_sdlora.distributed import launched_processes, process_device
 from avalanche_sdlora.runner.backbones import BackboneError, build_backbone
 from avalanche_sdlora.runner.config import SDLORA_VARIANTS, ConfigError, concerns, methods_of
+from avalanche_sdlora.runner.ranpac import MATRICES_AT_ONCE, default_projection_dim, memory_bytes
 from avalanche_sdlora.runner.streams import (
     backbone_transforms,
     check_dataset,
@@ -104,6 +105,36 @@ def _adapter_problems(config: Mapping[str, Any], backbone: torch.nn.Module) -> l
     return problems
 
 
+def available_memory(device: str) -> int:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the system's available
+    memory (``MemAvailable``) for the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def _ranpac_problem(
+    config: Mapping[str, Any], backbone: torch.nn.Module, device: str
+) -> str | None:
+    """Whether RanPAC's ``M x M`` float64 matrices fit in the device's free memory."""
+    width = backbone.num_features
+    chosen = config["baselines"]["ranpac"]["projection_dim"]
+    m = chosen or default_projection_dim(width)
+    needed, free = memory_bytes(m), available_memory(device)
+    if needed <= free:
+        return None
+    origin = "" if chosen else f" (the default for {width}-wide features)"
+    largest = int((free / (8 * MATRICES_AT_ONCE)) ** 0.5)
+    return (
+        f"baselines.ranpac.projection_dim: RanPAC holds {MATRICES_AT_ONCE} M x M float64 matrices "
+        f"at once (its Gram matrix and the ridge solves): {needed / 2**30:.1f} GiB for M = {m}"
+        f"{origin}, but {device} has {free / 2**30:.1f} GiB free; set "
+        f"baselines.ranpac.projection_dim to at most {largest}"
+    )
+
+
 def check_run_files(run_dir: Path) -> list[str]:
     """The unreadable ``progress.json`` and ``checkpoint.pkl`` files of a run folder, and the runs
     trained on another number of processes, each with the way out. A checkpoint is a zip archive
@@ -140,7 +171,8 @@ def preflight(
 ) -> torch.nn.Module:
     """Everything that can fail before work starts: the data and its split (every image of an
     ImageFolder tree decodes), the device, the backbone with its weights (returned, for the data
-    transforms) and one image through both, the adapters it must hold, the ``--output`` folder,
+    transforms) and one image through both, the adapters it must hold, whether RanPAC's matrices fit
+    in the device's free memory, the ``--output`` folder,
     and, for a resumed ``run_dir``, its progress and checkpoint files. ``problems`` are those
     already found in the configuration: a check that reads a setting they name is skipped, the
     others run. Every problem is reported together in one ``ConfigError``."""
@@ -197,6 +229,15 @@ def preflight(
         and any(method in SDLORA_VARIANTS for method in methods_of(config))
     ):
         found += _adapter_problems(config, backbone)
+    if (
+        backbone is not None
+        and device is not None
+        and not any(problem.startswith("experiment.device") for problem in found)
+        and not concerns(problems, "baselines.ranpac", "experiment.strategy", "experiment.compare")
+        and "ranpac" in methods_of(config)
+        and (problem := _ranpac_problem(config, backbone, device)) is not None
+    ):
+        found.append(problem)
     if found:
         raise ConfigError(found)
     return backbone
