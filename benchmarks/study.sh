@@ -11,6 +11,7 @@
 #   baselines  naive, lwf, replay, l2p, ewc     seed 0    about 60 min
 #   cumulative cumulative                       seed 0    about 60 min
 #   replay     replay                           seeds 1, 2 (a baseline within 2 points of an SD-LoRA row)
+#   peers      simplecil, ranpac                3 seeds   about 15 min (estimated: one pass, no training)
 #   table      benchmarks/results/study/: each part's metrics and config, and table.md
 # Usage: bash benchmarks/study.sh DATA_ROOT PART   (DATA_ROOT: the cl/ split of Tiny-ImageNet)
 set -euo pipefail
@@ -58,6 +59,7 @@ case "$PART" in
   baselines) part baselines naive '["lwf","replay","l2p","ewc"]' "[0]" ;;
   cumulative) part cumulative cumulative "[]" "[0]" ;;
   replay) part replay replay "[]" "[1,2]" ;;
+  peers) part peers simplecil '["ranpac"]' "[0,1,2]" ;;
   table) table ;;
-  *) echo "unknown part $PART: plain, variants, gated, baselines, cumulative, replay or table" >&2; exit 2 ;;
+  *) echo "unknown part $PART: plain, variants, gated, baselines, cumulative, replay, peers or table" >&2; exit 2 ;;
 esac
