@@ -15,7 +15,12 @@ from avalanche_sdlora.runner.cli import main
 from avalanche_sdlora.runner.config import defaults
 from avalanche_sdlora.runner.frozen import make_frozen_feature_method
 from avalanche_sdlora.runner.prototypes import UNSEEN_SCORE
-from avalanche_sdlora.runner.ranpac import PAPER_RIDGES, default_projection_dim
+from avalanche_sdlora.runner.ranpac import (
+    PAPER_RIDGES,
+    default_projection_dim,
+    largest_projection_dim,
+    memory_bytes,
+)
 
 
 def build(method: str, **settings):
@@ -138,6 +143,10 @@ def test_the_projection_scales_with_the_width_from_the_papers_10000_for_vit_b():
     assert default_projection_dim(768) == 10000
     assert default_projection_dim(128) == 1667
     assert default_projection_dim(1024) == 13334
+    assert memory_bytes(10000) == 5 * 8 * 10000**2 + 4096 * 12 * 10000  # 4.2 GiB
+    for free in (10**6, 4 * 2**30, 123456789012):
+        largest = largest_projection_dim(free)
+        assert memory_bytes(largest) <= free < memory_bytes(largest + 1)
 
 
 def test_ranpac_that_cannot_fit_in_memory_exits_2_before_any_work(tmp_path, capsys):
@@ -151,6 +160,6 @@ def test_ranpac_that_cannot_fit_in_memory_exits_2_before_any_work(tmp_path, caps
     assert main(["--config", DEMO, "--output", str(out), "--dry-run", *args]) == 2
     error = capsys.readouterr().err
     assert "baselines.ranpac.projection_dim: RanPAC holds 5 M x M float64 matrices" in error
-    assert "149011.6 GiB for M = 2000000" in error
+    assert "149103.2 GiB for M = 2000000" in error
     assert "set baselines.ranpac.projection_dim to at most" in error
     assert not out.exists()

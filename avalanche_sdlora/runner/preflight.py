@@ -17,7 +17,12 @@ from PIL import Image
 from avalanche_sdlora.distributed import launched_processes, process_device
 from avalanche_sdlora.runner.backbones import BackboneError, build_backbone
 from avalanche_sdlora.runner.config import SDLORA_VARIANTS, ConfigError, concerns, methods_of
-from avalanche_sdlora.runner.ranpac import MATRICES_AT_ONCE, default_projection_dim, memory_bytes
+from avalanche_sdlora.runner.ranpac import (
+    MATRICES_AT_ONCE,
+    default_projection_dim,
+    largest_projection_dim,
+    memory_bytes,
+)
 from avalanche_sdlora.runner.streams import (
     backbone_transforms,
     check_dataset,
@@ -126,12 +131,12 @@ def _ranpac_problem(
     if needed <= free:
         return None
     origin = "" if chosen else f" (the default for {width}-wide features)"
-    largest = int((free / (8 * MATRICES_AT_ONCE)) ** 0.5)
     return (
         f"baselines.ranpac.projection_dim: RanPAC holds {MATRICES_AT_ONCE} M x M float64 matrices "
-        f"at once (its Gram matrix and the ridge solves): {needed / 2**30:.1f} GiB for M = {m}"
+        f"at once (its Gram matrix and the ridge's choice) and a chunk of projected images: "
+        f"{needed / 2**30:.1f} GiB for M = {m}"
         f"{origin}, but {device} has {free / 2**30:.1f} GiB free; set "
-        f"baselines.ranpac.projection_dim to at most {largest}"
+        f"baselines.ranpac.projection_dim to at most {largest_projection_dim(free)}"
     )
 
 
