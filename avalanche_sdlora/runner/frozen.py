@@ -70,7 +70,11 @@ class FirstSessionAdaptation:
     batch_size: int
 
     def __call__(
-        self, backbone: nn.Module, experience: CLExperience, device: torch.device, **train: Any
+        self,
+        backbone: nn.Module,
+        experience: CLExperience,
+        device: torch.device,
+        num_workers: int = 0,
     ) -> nn.Module:
         model = SDLoRAViT(backbone, rank=self.rank, gate=False)
         strategy = SDLoRA(
@@ -82,7 +86,7 @@ class FirstSessionAdaptation:
             device=device,
             evaluator=EvaluationPlugin(loggers=[]),
         )
-        strategy.train(experience, **train)
+        strategy.train(experience, num_workers=num_workers)
         merged = model.merge_and_unload()
         merged.reset_classifier(0)
         return merged.to(device)
@@ -119,8 +123,8 @@ class FrozenFeatureStrategy(SupervisedTemplate):
         began = time.perf_counter()
         model: FrozenBackboneClassifier = self.model
         if self.adaptation is not None and self.clock.train_exp_counter == 0:
-            workers = {k: v for k, v in kwargs.items() if k == "num_workers"}
-            model.backbone = self.adaptation(model.backbone, experience, self.device, **workers)
+            workers = kwargs.get("num_workers", 0)
+            model.backbone = self.adaptation(model.backbone, experience, self.device, workers)
         features, labels = collect_features(
             model.features, self.dataloader, self.device, autocast_dtype(self)
         )

@@ -112,12 +112,15 @@ def _adapter_problems(config: Mapping[str, Any], backbone: torch.nn.Module) -> l
 
 def available_memory(device: str) -> int:
     """Bytes free for new tensors on ``device``: CUDA's free memory, or the system's available
-    memory (``MemAvailable``) for the CPU."""
+    memory (Linux's ``MemAvailable``; elsewhere the physical memory) for the CPU."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _ranpac_problem(
