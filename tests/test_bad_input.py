@@ -40,6 +40,11 @@ CASES = [
     (["--set", "experiment.seeds=[0,0]"], "experiment.seeds: must not repeat a value"),
     (["--set", "benchmark.root=data"], "benchmark.root: digits ships with scikit-learn"),
     (["--set", "experiment.name=../../x"], "experiment.name: must be a plain folder name"),
+    (["--set", "benchmark.initial_classes=3"], "at least one each (one of [2, 6]), got 3"),
+    (
+        ["--set", "benchmark.initial_classes=5", "--set", "benchmark.num_classes=8"],
+        "benchmark.initial_classes: the other 4 experiences must share the rest of the 8",
+    ),
     (["--set", "baselines.ranpac.ridges=[]"], "baselines.ranpac.ridges: must be a non-empty list"),
     (
         ["--set", "baselines.ranpac.validation_fraction=1"],

@@ -3,7 +3,6 @@ resume that ends as an uninterrupted run; every run folder holds the field's met
 
 import json
 
-import pytest
 from avalanche.training.templates.base_sgd import BaseSGDTemplate
 from conftest import make_small_vit
 from test_cli import DEMO
@@ -48,25 +47,6 @@ def test_the_first_experience_takes_initial_classes_and_the_others_share_the_res
         "classes evenly, at least one each (one of [1, 4, 7]), got 5"
     ]
     assert split_problems(10, 1, None, None, 4)[0].endswith("(one of [10]), got 4")
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--set", "benchmark.initial_classes=3"], "(one of [2, 6]), got 3"),
-        (
-            ["--set", "benchmark.initial_classes=5", "--set", "benchmark.num_classes=8"],
-            "benchmark.initial_classes: the other 4 experiences must share the rest of the 8",
-        ),
-    ],
-)
-def test_an_initial_split_that_does_not_divide_exits_2_naming_the_setting(
-    tmp_path, capsys, args, message
-):
-    out = tmp_path / "run"
-    assert main(["--config", DEMO, "--output", str(out), *args]) == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
 
 
 def test_a_resumed_run_with_initial_classes_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
