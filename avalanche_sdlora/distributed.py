@@ -31,6 +31,7 @@ __all__ = [
     "PROCESS_GROUP_TIMEOUT",
     "DistributedPlugin",
     "SharedOrderSampler",
+    "derived_seed",
     "init_process_group",
     "is_main_process",
     "launch_problems",
@@ -133,7 +134,7 @@ def leave_process_group() -> None:
     data_loader.DistributedSampler = DistributedSampler
 
 
-def _seed(*entropy: int) -> int:
+def derived_seed(*entropy: int) -> int:
     """A 32-bit seed from several integers (``numpy.random.SeedSequence``)."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
@@ -201,8 +202,8 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_epoch(self, strategy, **kwargs) -> None:
         experience, epoch = strategy.clock.train_exp_counter, strategy.clock.train_exp_epochs
-        SharedOrderSampler.epoch_seed = _seed(self.seed, experience, epoch)
-        RNGManager.set_random_seeds(_seed(self.seed, experience, epoch, rank()))
+        SharedOrderSampler.epoch_seed = derived_seed(self.seed, experience, epoch)
+        RNGManager.set_random_seeds(derived_seed(self.seed, experience, epoch, rank()))
         trainable = [p for p in strategy.model.parameters() if p.requires_grad]
         if len(trainable) != len(self._trainable) or any(
             a is not b for a, b in zip(trainable, self._trainable, strict=True)
@@ -218,4 +219,4 @@ class DistributedPlugin(SupervisedPlugin, supports_distributed=True):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._ddp, self._trainable = None, []
-        RNGManager.set_random_seeds(_seed(self.seed, strategy.clock.train_exp_counter))
+        RNGManager.set_random_seeds(derived_seed(self.seed, strategy.clock.train_exp_counter))

@@ -1,24 +1,31 @@
-"""Avalanche plugins: the decisions after each experience (pruning, absorption), mixed precision and
-the gate's trace."""
+"""Avalanche plugins: the decisions after each experience (pruning, absorption), mixed precision, the
+gate's trace, batched data transforms and the split of training time into data and compute."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import SupervisedPlugin
+from torch import Tensor
 
 from avalanche_sdlora.absorption import KD_THRESHOLD, DirectionFit
+from avalanche_sdlora.batch_transforms import BatchTransforms
+from avalanche_sdlora.distributed import derived_seed, rank
 from avalanche_sdlora.pruning import AdapterDecision, SelectionPruner
 
 __all__ = [
     "AutocastPlugin",
+    "BatchTransformPlugin",
     "GateTracePlugin",
     "GumbelPruningPlugin",
     "KnowledgeDistillationPlugin",
     "SDLoRAPlugin",
+    "TimeSplitPlugin",
 ]
 
 
@@ -196,3 +203,136 @@ class GateTracePlugin(SupervisedPlugin, supports_distributed=True):
                     "beta": mean_beta[adapter],
                 }
             )
+
+
+class BatchTransformPlugin(SupervisedPlugin, supports_distributed=True):
+    """Turns every mini-batch of uint8 images ``(N, C, H, W)`` into the model's input with
+    :class:`~avalanche_sdlora.batch_transforms.BatchTransforms`: training batches through
+    ``transforms.train``, evaluation batches through ``transforms.eval``, on ``device`` (default:
+    the strategy's), the result on the strategy's device.
+
+    It only uses Avalanche's events, so every strategy (``SDLoRA``, Avalanche's baselines,
+    ``LearningToPrompt``) gets its inputs the same way: it replaces ``strategy.mbatch[0]`` in
+    ``before_training_iteration`` and ``before_eval_iteration``, after the template has moved the
+    batch to the device and before the forward and any loss that reads ``mb_x``. While a training
+    experience runs (until ``after_training``), the model also transforms any uint8 batch it is
+    given as its first argument, so plugins that run the model on the experience's dataset
+    themselves, as Avalanche's EWC does for its importances after each experience, see what
+    training sees.
+
+    Training batch ``k`` draws its crops and flips from a generator seeded by
+    ``(seed, rank, k)``; ``batches`` (``k``) belongs to the plugin's state, which Avalanche's
+    checkpoints keep, so a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        transforms: BatchTransforms,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ):
+        super().__init__()
+        self.transforms = transforms
+        self.seed = seed
+        self.device = None if device is None else torch.device(device)
+        self.batches = 0
+        """Training batches transformed so far: the clock of the crops' generator."""
+        self._hook: Any = None
+
+    def transform(self, strategy, images: Tensor) -> Tensor:
+        """``images`` as the model's input: the training transform while ``strategy`` trains."""
+        if images.dtype != torch.uint8:
+            raise TypeError(
+                f"BatchTransformPlugin transforms batches of uint8 images, got {images.dtype}: "
+                "give the strategy datasets of uint8 image tensors without per-image transforms"
+            )
+        images = images.to(self.device or strategy.device, non_blocking=True)
+        if strategy.is_training:
+            seed = derived_seed(self.seed, rank(), self.batches)
+            self.batches += 1
+            inputs = self.transforms.train(images, torch.Generator().manual_seed(seed))
+        else:
+            inputs = self.transforms.eval(images)
+        return inputs.to(strategy.device, non_blocking=True)
+
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        strategy.mbatch[0] = self.transform(strategy, strategy.mbatch[0])
+
+    def before_eval_iteration(self, strategy, **kwargs) -> None:
+        strategy.mbatch[0] = self.transform(strategy, strategy.mbatch[0])
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self.after_training(strategy)
+        hook = _RawInputs(self, strategy)  # first, so other hooks see the transformed batch
+        self._hook = strategy.model.register_forward_pre_hook(hook, prepend=True)
+
+    def after_training(self, strategy, **kwargs) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = None
+
+
+def _ignore_inputs(module: torch.nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing."""
+
+
+class _RawInputs:
+    """:class:`BatchTransformPlugin`'s forward pre-hook: a uint8 first argument is transformed.
+
+    A copy of the model (LwF's snapshot, a pickled checkpoint) gets :func:`_ignore_inputs` in its
+    place, so no copy holds the plugin or the strategy."""
+
+    def __init__(self, plugin: BatchTransformPlugin, strategy: Any):
+        self.plugin, self.strategy = plugin, strategy
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        if args and isinstance(args[0], Tensor) and args[0].dtype == torch.uint8:
+            return (self.plugin.transform(self.strategy, args[0]), *args[1:])
+        return None
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return _ignore_inputs
+
+    def __reduce__(self) -> str:
+        return "_ignore_inputs"
+
+
+class TimeSplitPlugin(SupervisedPlugin, supports_distributed=True):
+    """Splits each training experience's steps into data and forward/backward time.
+
+    Data is what a step waits for before its forward: the loader, the copy to the device and
+    batch transforms (``before_training_iteration``). Forward/backward is the rest of the step:
+    forward, loss, backward, optimizer step and the plugins that act on them. On CUDA both ends are
+    synchronised, so each part is charged with its own kernels. ``seconds`` holds the sums of the
+    current (or last) training experience; time outside the steps (an experience's set-up, what
+    plugins do after it) is in neither.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = {"data": 0.0, "forward_backward": 0.0}
+        self._mark = 0.0
+
+    def _lap(self, strategy, part: str | None = None) -> None:
+        """Charge the time since the last mark to ``part``, and mark now."""
+        if strategy.device.type == "cuda":
+            torch.cuda.synchronize(strategy.device)
+        now = time.perf_counter()
+        if part is not None:
+            self.seconds[part] += now - self._mark
+        self._mark = now
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def before_training_epoch(self, strategy, **kwargs) -> None:
+        self._lap(strategy)
+
+    def before_forward(self, strategy, **kwargs) -> None:
+        self._lap(strategy, "data")
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self._lap(strategy, "forward_backward")
+
+    def after_training_epoch(self, strategy, **kwargs) -> None:
+        self._lap(strategy, "data")  # the loader's end of the epoch
