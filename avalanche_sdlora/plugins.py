@@ -239,15 +239,16 @@ class BatchTransformPlugin(SupervisedPlugin, supports_distributed=True):
         """Training batches transformed so far: the clock of the crops' generator."""
         self._hook: Any = None
 
-    def transform(self, strategy, images: Tensor) -> Tensor:
-        """``images`` as the model's input: the training transform while ``strategy`` trains."""
+    def transform(self, strategy, images: Tensor, train: bool | None = None) -> Tensor:
+        """``images`` as the model's input: the training transform if ``train`` (default: while
+        ``strategy`` trains), else the evaluation transform."""
         if images.dtype != torch.uint8:
             raise TypeError(
                 f"BatchTransformPlugin transforms batches of uint8 images, got {images.dtype}: "
                 "give the strategy datasets of uint8 image tensors without per-image transforms"
             )
         images = images.to(self.device or strategy.device, non_blocking=True)
-        if strategy.is_training:
+        if strategy.is_training if train is None else train:
             seed = derived_seed(self.seed, rank(), self.batches)
             self.batches += 1
             inputs = self.transforms.train(images, torch.Generator().manual_seed(seed))

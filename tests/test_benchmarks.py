@@ -29,6 +29,7 @@ from avalanche_sdlora.runner.streams import (
     check_dataset,
     class_order,
     make_benchmark,
+    rgb_rendition,
 )
 
 CIFAR_TRAIN_PER_CLASS, CIFAR_TEST_PER_CLASS = 3, 2
@@ -179,6 +180,30 @@ def test_cifar_checkpoints_store_the_path_not_the_images(fake_cifar100, no_netwo
     assert len(pickled) < images_bytes / 10
     restored = dill.loads(pickled)
     assert list(restored.targets) == list(dataset.targets) == [2] * 3 + [3] * 3
+    torch.testing.assert_close(restored[4][0], dataset[4][0])
+
+
+def test_decoded_cifar_holds_the_pil_paths_pixels_and_checkpoints_only_the_path(
+    fake_cifar100, no_network
+):
+    order = class_order(100, seed=1993)
+    benchmark = make_benchmark(
+        "split_cifar100",
+        root=fake_cifar100,
+        n_experiences=10,
+        order=order,
+        train_transform=None,
+        eval_transform=None,
+        decode=rgb_rendition("invert"),
+    )
+    dataset = benchmark.train_stream[1].dataset.eval()
+    for x, y, _ in (dataset[i] for i in range(len(dataset))):
+        assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+        assert torch.equal(x, torch.full_like(x, 255 - 2 * order[y]))  # grey 2 * class, inverted
+    pickled = dill.dumps(dataset)
+    assert len(pickled) < 300 * 3072 / 10  # the 300 decoded images would take 921,600 bytes
+    restored = dill.loads(pickled)
+    assert list(restored.targets) == list(dataset.targets)
     torch.testing.assert_close(restored[4][0], dataset[4][0])
 
 

@@ -26,6 +26,7 @@ from avalanche_sdlora.runner.config import (
     methods_of,
     read_config,
 )
+from avalanche_sdlora.runner.data_path import data_path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -84,11 +85,11 @@ def _resolve(args: argparse.Namespace) -> tuple[dict, list[str]]:
             raise ConfigError(
                 [*conflicts, f"--resume {args.resume}: no config.json there (not a run folder)"]
             )
-        config, problems = read_config(saved, overrides)
+        config, problems = read_config(saved, overrides, recorded=True)
         problems += conflicts + ownership.resume_problems(args.resume)
         changed = [
             f"{path}: {old!r} -> {new!r}"
-            for path, old, new in _changed_settings(load_config(saved), config)
+            for path, old, new in _changed_settings(load_config(saved, recorded=True), config)
             if path not in RESUME_MAY_CHANGE
         ]
         if changed and _finished_experiences(args.resume):
@@ -177,6 +178,7 @@ def _plan(config: dict, run_dir: Path) -> str:
             f"methods: {', '.join(methods_of(config))}; seeds: {config['experiment']['seeds']}"
             f" (baselines: {config['experiment']['baseline_seeds'] or config['experiment']['seeds']})",
             f"training: {t['epochs']} epochs per experience, batch {t['batch_size']}",
+            data_path(config).describe(),
         ]
     )
 

@@ -24,10 +24,12 @@ from timm.models import PretrainedCfg
 
 from avalanche_sdlora.absorption import KD_THRESHOLD
 from avalanche_sdlora.adapters import targets_problem
+from avalanche_sdlora.batch_transforms import INTERPOLATIONS
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.pruning import SelectionPruner
+from avalanche_sdlora.runner.data_path import AUGMENTATION_DEVICES
 from avalanche_sdlora.runner.ranpac import PAPER_RIDGES
-from avalanche_sdlora.runner.streams import INTERPOLATIONS, RENDITIONS, initial_classes_problem
+from avalanche_sdlora.runner.streams import RENDITIONS, initial_classes_problem
 from avalanche_sdlora.settings import (
     OPTIMIZERS,
     SDLoRASettings,
@@ -44,6 +46,7 @@ __all__ = [
     "FREE_FORM_SETTINGS",
     "METHODS",
     "RANDOM_CONTROL",
+    "RECORDED_BEFORE",
     "SCHEMA",
     "SDLORA_VARIANTS",
     "ConfigError",
@@ -120,6 +123,12 @@ def _crop_scale(v: list) -> str | None:
     if len(v) == 2 and numbers and 0 < v[0] <= v[1] <= 1:
         return None
     return "must be [min, max] with 0 < min <= max <= 1"
+
+
+def _workers(v: int | str) -> str | None:
+    if v == "auto" or (isinstance(v, int) and v >= 0):
+        return None
+    return 'must be an int >= 0 or "auto"'
 
 
 def _int_list(v: list) -> str | None:
@@ -362,7 +371,21 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             (bool,),
             "split_cifar100: download CIFAR-100 with torchvision (md5-checked) when it is missing",
         ),
-        "num_workers": Setting(0, (int,), "data loader workers", check=at_least(0)),
+        "augmentation_device": Setting(
+            "auto",
+            (str,),
+            "where images are transformed: auto (in-memory data, i.e. CIFAR-100, digits or an "
+            "ImageFolder of one image size: batched on the training device; other data: pil), cpu "
+            "(batched on the CPU) or pil (torchvision on PIL images, one at a time in the loader)",
+            choices=AUGMENTATION_DEVICES,
+        ),
+        "num_workers": Setting(
+            "auto",
+            (int, str),
+            'data loader workers; "auto": 0 on the CPU, on CUDA the CPU count (at most 8) for '
+            "the PIL path and 2 for the batched path",
+            check=_workers,
+        ),
     },
     "backbone": {
         "name": Setting("vit_base_patch16_224.augreg2_in21k_ft_in1k", (str,), "timm model name"),
@@ -643,11 +666,29 @@ def _objects(node: Any, repeated: list[str], path: str = "") -> Any:
     return node
 
 
+RECORDED_BEFORE: dict[str, Any] = {"benchmark.augmentation_device": "pil"}
+"""Settings added later whose default would change what a run recorded before them does: a run
+folder's ``config.json`` without one of them means this value, the behaviour its run started with."""
+
+
+def _recorded_before(user: dict[str, Any]) -> None:
+    """Fill in :data:`RECORDED_BEFORE` where a recorded config lacks the setting."""
+    for dotted, value in RECORDED_BEFORE.items():
+        *sections, leaf = dotted.split(".")
+        section = user
+        for name in sections:
+            section = section.setdefault(name, {})
+        if isinstance(section, dict):
+            section.setdefault(leaf, value)
+
+
 def read_config(
-    path: str | Path | None = None, overrides: Sequence[str] = ()
+    path: str | Path | None = None, overrides: Sequence[str] = (), recorded: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
     """A JSON config with ``--set`` overrides applied and the defaults filled in, and every problem
-    found in it (one line each, starting with the setting's dotted path).
+    found in it (one line each, starting with the setting's dotted path). ``recorded``: ``path``
+    is a run folder's ``config.json``, whose missing settings of :data:`RECORDED_BEFORE` keep the
+    behaviour the run started with.
 
     Raises ``ConfigError`` only when there is nothing to check (the file is missing, not UTF-8 or
     not a JSON object). With problems, the values are kept as given, so a check that reads a setting named in
@@ -677,6 +718,8 @@ def read_config(
             f"{key}: given more than once in {path} (JSON would keep only the last); keep one"
             for key in repeated
         ]
+        if recorded:
+            _recorded_before(user)
     for assignment in overrides:
         try:
             apply_override(user, assignment)
@@ -692,9 +735,12 @@ def read_config(
     return config, problems
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a JSON config, apply ``--set`` overrides, validate everything and fill in the defaults."""
-    config, problems = read_config(path, overrides)
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), recorded: bool = False
+) -> dict[str, Any]:
+    """Read a JSON config, apply ``--set`` overrides, validate everything and fill in the defaults
+    (``recorded``: as :func:`read_config`)."""
+    config, problems = read_config(path, overrides, recorded)
     if problems:
         raise ConfigError(problems)
     return config

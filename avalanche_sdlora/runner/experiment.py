@@ -33,15 +33,18 @@ from avalanche_sdlora.distributed import (
 from avalanche_sdlora.model import SDLoRAViT
 from avalanche_sdlora.plugins import (
     AutocastPlugin,
+    BatchTransformPlugin,
     GateTracePlugin,
     GumbelPruningPlugin,
     KnowledgeDistillationPlugin,
+    TimeSplitPlugin,
 )
 from avalanche_sdlora.pruning import RandomPruner, SelectionPruner
 from avalanche_sdlora.runner.backbones import build_backbone
 from avalanche_sdlora.runner.baselines import make_baseline
 from avalanche_sdlora.runner.checkpoints import save_checkpoint
 from avalanche_sdlora.runner.config import RANDOM_CONTROL, SDLORA_VARIANTS, methods_of, seeds_of
+from avalanche_sdlora.runner.data_path import DataPath, data_path
 from avalanche_sdlora.runner.frozen import FrozenFeatureStrategy
 from avalanche_sdlora.runner.metrics import NearestMeanPlugin, top5_accuracy
 from avalanche_sdlora.runner.outputs import (
@@ -55,9 +58,11 @@ from avalanche_sdlora.runner.report import RunReport, summarize_run
 from avalanche_sdlora.runner.run_folder import jsonable, summarize_seeds, write_run_folder
 from avalanche_sdlora.runner.streams import (
     backbone_transforms,
+    batch_transforms,
     class_order,
     dataset_classes,
     make_benchmark,
+    rgb_rendition,
 )
 from avalanche_sdlora.settings import SDLoRASettings
 from avalanche_sdlora.strategy import SDLoRA, peak_memory_mb
@@ -70,19 +75,29 @@ __all__ = ["run_experiment"]
 _RELATIVE_COST = {"cumulative": 5, "replay": 2}
 
 
-def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
+def _build_benchmark(
+    config: Mapping[str, Any], backbone: torch.nn.Module, path: DataPath | None = None
+):
+    """The benchmark of ``config``: PIL images with the backbone's transforms, or, on the batched
+    ``path`` (default: the config's), uint8 images decoded once (the transforms come with each
+    strategy's plugin)."""
+    path = path or data_path(config)
     settings = config["benchmark"]
     order = class_order(
         dataset_classes(settings["name"], settings["root"]),
         settings["class_order_seed"],
         settings["class_order"],
     )
-    train_transform, eval_transform = backbone_transforms(
-        backbone,
-        settings["train_augmentation"],
-        settings["rendition"],
-        tuple(settings["crop_scale"]),
-    )
+    train_transform = eval_transform = decode = None
+    if path.batched:
+        decode = rgb_rendition(settings["rendition"])
+    else:
+        train_transform, eval_transform = backbone_transforms(
+            backbone,
+            settings["train_augmentation"],
+            settings["rendition"],
+            tuple(settings["crop_scale"]),
+        )
     return make_benchmark(
         settings["name"],
         root=settings["root"],
@@ -94,6 +109,7 @@ def _build_benchmark(config: Mapping[str, Any], backbone: torch.nn.Module):
         train_per_class=settings["train_per_class"],
         validation_per_class=settings["validation_per_class"],
         initial_classes=settings["initial_classes"],
+        decode=decode,
     )
 
 
@@ -104,9 +120,11 @@ def _make_strategy(
     num_classes: int,
     seed: int = 0,
     reference: RunReport | None = None,
+    path: DataPath | None = None,
 ) -> SupervisedTemplate:
-    """One method's strategy; ``reference`` is the ``sdlora`` run whose pruning counts
-    ``sdlora_random`` copies."""
+    """One method's strategy, its inputs made by ``path`` (default: the config's data path);
+    ``reference`` is the ``sdlora`` run whose pruning counts ``sdlora_random`` copies."""
+    path = path or data_path(config)
     experiment, training = config["experiment"], config["training"]
     loggers = (
         [
@@ -123,7 +141,16 @@ def _make_strategy(
         loss_metrics(epoch=True, stream=True),
         loggers=loggers,
     )
-    plugins = [AutocastPlugin()] if config["backbone"]["precision"] == "bf16" else []
+    backbone = build_backbone(config["backbone"])
+    plugins = [TimeSplitPlugin()]
+    if path.batched:
+        benchmark = config["benchmark"]
+        transforms = batch_transforms(
+            backbone, benchmark["train_augmentation"], tuple(benchmark["crop_scale"])
+        )
+        plugins.append(BatchTransformPlugin(transforms, seed, path.transform_device))
+    if config["backbone"]["precision"] == "bf16":
+        plugins.append(AutocastPlugin())
     template = {
         "train_mb_size": training["batch_size"] // world_size(),  # the global batch, split
         "train_epochs": training["epochs"],
@@ -132,7 +159,6 @@ def _make_strategy(
         "evaluator": evaluator,
     }
     shared = [DistributedPlugin(seed)] if world_size() > 1 else []
-    backbone = build_backbone(config["backbone"])
     if method not in SDLORA_VARIANTS:
         return make_baseline(
             method,
@@ -179,14 +205,18 @@ def _make_strategy(
 
 def _experience_record(strategy: SupervisedTemplate, index: int, seconds: float) -> dict:
     """What every method reports per experience; SD-LoRA adds phases and adapters, RanPAC its
-    ridge."""
+    ridge. The training time's data and forward/backward parts come from the strategy's
+    :class:`TimeSplitPlugin` (a run resumed from a checkpoint written before it existed has none)."""
+    timer = _plugin(strategy, TimeSplitPlugin)
+    split = {f"{part}_seconds": t for part, t in timer.seconds.items()} if timer else {}
     if isinstance(strategy, SDLoRA | FrozenFeatureStrategy):
-        return strategy.experience_log[-1]
+        return {**strategy.experience_log[-1], **split}
     trainable = sum(p.numel() for p in strategy.model.parameters() if p.requires_grad)
     return {
         "experience": index,
         "trainable_parameters": trainable,
         "train_seconds": seconds,
+        **split,
         "peak_memory_mb": peak_memory_mb(strategy.device),
     }
 
@@ -199,6 +229,7 @@ def _run_one(
     folder: Path,
     num_classes: int,
     reference: RunReport | None = None,
+    path: DataPath | None = None,
 ) -> RunReport:
     """Train and evaluate one method with one seed, continuing from its checkpoint if any."""
     progress_file, checkpoint = folder / "progress.json", folder / "checkpoint.pkl"
@@ -208,7 +239,8 @@ def _run_one(
     progress["provenance"] = origin = provenance(method, seed, config)
     experiences = len(benchmark.train_stream)
     RNGManager.set_random_seeds(seed)
-    strategy = _make_strategy(method, config, folder, num_classes, seed, reference)
+    path = path or data_path(config)
+    strategy = _make_strategy(method, config, folder, num_classes, seed, reference, path)
     start = 0
     if progress["eval_results"] and checkpoint.exists():
         loggers = strategy.evaluator.loggers
@@ -218,17 +250,17 @@ def _run_one(
     main = is_main_process()
     if main:
         trim_csv_logs(folder / "csv", start)
-    workers = {"num_workers": config["benchmark"]["num_workers"]}
+    loader = path.loader_arguments()
     test_sizes = [len(experience.dataset) for experience in benchmark.test_stream]
     for experience in benchmark.train_stream[start:]:
         index = experience.current_experience
         began = time.perf_counter()
-        strategy.train(experience, **workers)
+        strategy.train(experience, **loader)
         seconds = time.perf_counter() - began
         loss = mean_over_ranks(_last_training_loss(strategy))
-        progress["eval_results"].append(strategy.eval(benchmark.test_stream, **workers))
+        progress["eval_results"].append(strategy.eval(benchmark.test_stream, **loader))
         wall = time.perf_counter() - began
-        record = _experience_record(strategy, index, seconds)
+        record = {**_experience_record(strategy, index, seconds), "eval_seconds": wall - seconds}
         progress["records"].append({**record, "wall_seconds": wall, "train_loss": loss})
         if main and loss is not None and not np.isfinite(loss):
             warnings.warn(
@@ -290,14 +322,19 @@ def _print_progress(
 
 
 def _run_job(
-    config: Mapping[str, Any], run_dir: Path, job: Sequence[tuple[str, int]], benchmark=None
+    config: Mapping[str, Any],
+    run_dir: Path,
+    job: Sequence[tuple[str, int]],
+    benchmark=None,
+    path: DataPath | None = None,
 ) -> list[RunReport]:
     """One or more method x seed runs in order, each in its own folder; builds the benchmark itself
     when run in a worker. A ``sdlora_random`` run follows the ``sdlora`` run it copies."""
     if config["experiment"]["threads"] is not None:
         torch.set_num_threads(config["experiment"]["threads"])
+    path = path or data_path(config)
     if benchmark is None:
-        benchmark = _build_benchmark(config, build_backbone(config["backbone"]))
+        benchmark = _build_benchmark(config, build_backbone(config["backbone"]), path)
     num_classes = sum(len(e.classes_in_this_experience) for e in benchmark.train_stream)
     reports: list[RunReport] = []
     for method, seed in job:
@@ -306,7 +343,9 @@ def _run_job(
             folder.mkdir(parents=True, exist_ok=True)
         reference = reports[-1] if method == RANDOM_CONTROL else None
         reports.append(
-            _run_one(method, seed, copy.deepcopy(config), benchmark, folder, num_classes, reference)
+            _run_one(
+                method, seed, copy.deepcopy(config), benchmark, folder, num_classes, reference, path
+            )
         )
     return reports
 
@@ -330,7 +369,8 @@ def run_experiment(
     """Run (or continue) every method x seed of ``config`` in ``run_dir`` and write the outputs.
 
     ``backbone`` (from :func:`~avalanche_sdlora.runner.preflight.preflight`) sets the data transforms;
-    each run builds its own copy.
+    each run builds its own copy. The data path (:func:`~avalanche_sdlora.runner.data_path.data_path`)
+    is chosen once, for every run.
     With ``experiment.workers`` > 1 the runs go to that many processes (each with its own
     ``experiment.threads``); every run is seeded on its own, so the order does not matter. Under
     ``torchrun`` every rank calls this and trains each run with the others; rank 0 alone writes.
@@ -340,16 +380,17 @@ def run_experiment(
     started = time.perf_counter()
     jobs = _jobs(config)
     workers = config["experiment"]["workers"]
+    path = data_path(config)
     if workers == 1:
-        benchmark = _build_benchmark(config, backbone)
-        job_reports = [_run_job(config, run_dir, job, benchmark) for job in jobs]
+        benchmark = _build_benchmark(config, backbone, path)
+        job_reports = [_run_job(config, run_dir, job, benchmark, path) for job in jobs]
     else:
         context = multiprocessing.get_context("spawn")
         # the costliest jobs start first, so no worker is left alone with one at the end
         order = sorted(range(len(jobs)), key=lambda i: -_job_cost(jobs[i]))
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
             started_reports = pool.map(
-                functools.partial(_run_job, config, run_dir), [jobs[i] for i in order]
+                functools.partial(_run_job, config, run_dir, path=path), [jobs[i] for i in order]
             )
             job_reports = [r for _, r in sorted(zip(order, started_reports, strict=True))]
     found = {

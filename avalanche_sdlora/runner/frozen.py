@@ -13,18 +13,25 @@ merges the adapter into the backbone, which stays frozen from then on.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from avalanche.benchmarks import CLExperience
+from avalanche.core import BasePlugin
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.runner.features import autocast_dtype, collect_features, feature_loader
+from avalanche_sdlora.plugins import BatchTransformPlugin
+from avalanche_sdlora.runner.features import (
+    autocast_dtype,
+    collect_features,
+    evaluation_inputs,
+    feature_loader,
+)
 from avalanche_sdlora.runner.prototypes import ClassMeans, seen_scores
 from avalanche_sdlora.runner.ranpac import RanPACClassifier
 from avalanche_sdlora.strategy import SDLoRA, peak_memory_mb
@@ -75,7 +82,10 @@ class FirstSessionAdaptation:
         experience: CLExperience,
         device: torch.device,
         num_workers: int = 0,
+        plugins: Sequence[BasePlugin] = (),
     ) -> nn.Module:
+        """The adapted backbone; ``plugins`` go to the training (the batched path's
+        ``BatchTransformPlugin``)."""
         model = SDLoRAViT(backbone, rank=self.rank, gate=False)
         strategy = SDLoRA(
             model=model,
@@ -85,6 +95,7 @@ class FirstSessionAdaptation:
             train_epochs=self.epochs,
             device=device,
             evaluator=EvaluationPlugin(loggers=[]),
+            plugins=list(plugins),
         )
         strategy.train(experience, num_workers=num_workers)
         merged = model.merge_and_unload()
@@ -124,9 +135,20 @@ class FrozenFeatureStrategy(SupervisedTemplate):
         model: FrozenBackboneClassifier = self.model
         if self.adaptation is not None and self.clock.train_exp_counter == 0:
             workers = kwargs.get("num_workers", 0)
-            model.backbone = self.adaptation(model.backbone, experience, self.device, workers)
+            batched = [
+                BatchTransformPlugin(p.transforms, p.seed, p.device)  # its own batch count
+                for p in self.plugins
+                if isinstance(p, BatchTransformPlugin)
+            ]
+            model.backbone = self.adaptation(
+                model.backbone, experience, self.device, workers, batched
+            )
         features, labels = collect_features(
-            model.features, self.dataloader, self.device, autocast_dtype(self)
+            model.features,
+            self.dataloader,
+            self.device,
+            autocast_dtype(self),
+            evaluation_inputs(self),
         )
         reported = model.head.learn(features, labels)
         self.experience_log.append(

@@ -15,7 +15,12 @@ from avalanche.evaluation.metrics.topk_acc import ExperienceTopkAccuracy, TopkAc
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
 
-from avalanche_sdlora.runner.features import autocast_dtype, collect_features, feature_loader
+from avalanche_sdlora.runner.features import (
+    autocast_dtype,
+    collect_features,
+    evaluation_inputs,
+    feature_loader,
+)
 from avalanche_sdlora.runner.prototypes import ClassMeans, seen_scores
 
 __all__ = ["NME_METRIC", "TOP5_METRIC", "NearestMeanPlugin", "top5_accuracy"]
@@ -64,7 +69,11 @@ class NearestMeanPlugin(SupervisedPlugin):
         model.eval()
         loader = feature_loader(strategy.experience.dataset, strategy.eval_mb_size, num_workers)
         features, labels = collect_features(
-            model.forward_features, loader, strategy.device, autocast_dtype(strategy)
+            model.forward_features,
+            loader,
+            strategy.device,
+            autocast_dtype(strategy),
+            evaluation_inputs(strategy),
         )
         model.train(was_training)
         if self.means is None:

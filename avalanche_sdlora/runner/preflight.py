@@ -17,6 +17,7 @@ from PIL import Image
 from avalanche_sdlora.distributed import launched_processes, process_device
 from avalanche_sdlora.runner.backbones import BackboneError, build_backbone
 from avalanche_sdlora.runner.config import SDLORA_VARIANTS, ConfigError, concerns, methods_of
+from avalanche_sdlora.runner.data_path import data_path
 from avalanche_sdlora.runner.ranpac import (
     MATRICES_AT_ONCE,
     default_projection_dim,
@@ -25,6 +26,7 @@ from avalanche_sdlora.runner.ranpac import (
 )
 from avalanche_sdlora.runner.streams import (
     backbone_transforms,
+    batch_transforms,
     check_dataset,
     dataset_classes,
     download_cifar100,
@@ -71,16 +73,21 @@ def output_problems(option: str, folder: Path) -> list[str]:
     return []
 
 
-def _probe_problem(backbone: torch.nn.Module) -> str | None:
-    """What fails when one image goes through the data transforms and the backbone (no gradient),
-    as in every training step: the transforms' size, interpolation and crop, the input channels."""
+def _probe_problem(backbone: torch.nn.Module, batched: bool) -> str | None:
+    """What fails when one image goes through the data transforms (``batched``: the batched
+    path's) and the backbone (no gradient), as in every training step: the transforms' size,
+    interpolation and crop, the input channels."""
     training = backbone.training
     try:
-        _, transform = backbone_transforms(backbone, train_augmentation=False)
-        image = transform(Image.new("RGB", (32, 32)))
+        if batched:
+            transform = batch_transforms(backbone, train_augmentation=False)
+            images = transform.eval(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        else:
+            _, transform = backbone_transforms(backbone, train_augmentation=False)
+            images = transform(Image.new("RGB", (32, 32)))[None]
         backbone.eval()
         with torch.no_grad():
-            backbone(image[None])
+            backbone(images)
     except Exception as error:  # whatever fails here would fail the first training step
         return (
             f"backbone: one image of the data transforms fails in {type(backbone).__name__} "
@@ -178,7 +185,8 @@ def preflight(
     output: Path | None = None,
 ) -> torch.nn.Module:
     """Everything that can fail before work starts: the data and its split (every image of an
-    ImageFolder tree decodes), the device, the backbone with its weights (returned, for the data
+    ImageFolder tree decodes), the data path (``benchmark.augmentation_device: cpu`` needs images
+    that fit in memory), the device, the backbone with its weights (returned, for the data
     transforms) and one image through both, the adapters it must hold, whether RanPAC's matrices fit
     in the device's free memory, the ``--output`` folder,
     and, for a resumed ``run_dir``, its progress and checkpoint files. ``problems`` are those
@@ -187,15 +195,24 @@ def preflight(
     found = [*problems, *([] if run_dir is None else check_run_files(run_dir))]
     if output is not None:
         found += output_problems("--output", output)
-    benchmark = config["benchmark"]
+    benchmark, batched = config["benchmark"], False
     if not concerns(problems, "benchmark.name", "benchmark.root", "benchmark.download"):
         try:
             _ensure_dataset(benchmark)
         except FileNotFoundError as error:
             found.append(str(error))
         else:
-            if benchmark["name"] == "imagefolder":
-                found += image_tree_problems(benchmark["root"])
+            tree = (
+                image_tree_problems(benchmark["root"]) if benchmark["name"] == "imagefolder" else []
+            )
+            found += tree
+            if not tree and not concerns(
+                problems, "benchmark.augmentation_device", "benchmark.num_workers", "experiment"
+            ):
+                try:
+                    batched = data_path(config).batched
+                except ValueError as error:
+                    found.append(str(error))
             if not concerns(
                 problems,
                 "benchmark.n_experiences",
@@ -227,7 +244,7 @@ def preflight(
         except BackboneError as error:
             found.append(str(error))
         else:
-            if (probe := _probe_problem(backbone)) is not None:
+            if (probe := _probe_problem(backbone, batched)) is not None:
                 found.append(probe)
     if (
         backbone is not None

@@ -57,6 +57,9 @@ SUMMARY_METRICS = (
     "trainable_parameters",
     "train_seconds",
     "wall_seconds",
+    "data_seconds",
+    "forward_backward_seconds",
+    "eval_seconds",
     "peak_memory_mb",
 )
 
@@ -82,11 +85,15 @@ def jsonable(value: Any) -> Any:
 
 
 def final_value(report: RunReport, key: str) -> float:
-    """One run's figure for a summary metric: totals of time, the maximum of memory, the adapter
-    and parameter counts and the old- and new-class accuracies after the last experience; NaN for
+    """One run's figure for a summary metric: totals of time (NaN for a part of the time split
+    that a run recorded before it existed lacks), the maximum of memory, the adapter and
+    parameter counts and the old- and new-class accuracies after the last experience; NaN for
     what the run did not measure."""
     if key in ("train_seconds", "wall_seconds"):
         return float(sum(r.get(key, 0.0) for r in report.experiences))
+    if key.endswith("_seconds"):
+        parts = [r[key] for r in report.experiences if key in r]
+        return float(sum(parts)) if parts else float("nan")
     if key == "peak_memory_mb":
         return float(max(r.get(key, 0.0) for r in report.experiences))
     if key in ("active_adapters", "trainable_parameters"):

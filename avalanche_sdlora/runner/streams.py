@@ -20,6 +20,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from operator import methodcaller
 from pathlib import Path
 from typing import ClassVar
@@ -41,9 +42,10 @@ from torchvision import transforms
 from torchvision.datasets import CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from avalanche_sdlora.batch_transforms import BatchTransforms
+from avalanche_sdlora.runner.in_memory import DecodedImages
+
 BENCHMARKS = ("split_cifar100", "imagefolder", "digits")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-"""The interpolations timm's ``str_to_interp_mode`` knows (``backbone.pretrained_cfg.interpolation``)."""
 SHOWN = 5
 """How many bad files a message names (then the count of the others)."""
 
@@ -411,41 +413,67 @@ def split_problems(
     return problems
 
 
+@dataclass(frozen=True)
+class InputConfig:
+    """What a backbone's timm data config says about its input (see :func:`input_config`)."""
+
+    size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+
+
+def input_config(backbone: torch.nn.Module) -> InputConfig:
+    """The input size (the backbone's own ``patch_embed.img_size`` when it has one, as a bare
+    ``VisionTransformer``'s config reports the 224 px default), interpolation, mean/std and the
+    eval crop ratio ``crop_pct``, from the backbone's timm data config (the paper's Resize(256) +
+    CenterCrop(224) is ``crop_pct`` 0.875: ``exps/c100.json`` sets it through
+    ``backbone.pretrained_cfg``, as timm's own default for that backbone is 0.9)."""
+    config = timm.data.resolve_model_data_config(backbone)
+    patch_embed = getattr(backbone, "patch_embed", None)
+    size = tuple(getattr(patch_embed, "img_size", None) or config["input_size"][-2:])
+    return InputConfig(
+        size=size,
+        interpolation=config["interpolation"],
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        crop_pct=config["crop_pct"],
+    )
+
+
+def rgb_rendition(rendition: str | None = None) -> Callable[[Image.Image], Image.Image]:
+    """The per-image steps before any augmentation: RGB (so grayscale data, digits, works with
+    any backbone), then ``rendition`` (one of :data:`RENDITIONS`) when one is given."""
+    return transforms.Compose(
+        [
+            transforms.Lambda(methodcaller("convert", "RGB")),
+            *([transforms.Lambda(RENDITIONS[rendition])] if rendition else []),
+        ]
+    )
+
+
 def backbone_transforms(
     backbone: torch.nn.Module,
     train_augmentation: bool = True,
     rendition: str | None = None,
     crop_scale: tuple[float, float] = (0.05, 1.0),
 ) -> tuple[Callable, Callable]:
-    """``(train_transform, eval_transform)`` on PIL images, from the backbone's timm data config.
-
-    Size (the backbone's own ``patch_embed.img_size`` when it has one, as a bare ``VisionTransformer``'s
-    config reports the 224 px default), interpolation, mean/std and the eval crop ratio ``crop_pct``
-    come from the backbone's config (the paper's Resize(256) + CenterCrop(224) is ``crop_pct`` 0.875:
-    ``exps/c100.json`` sets it through ``backbone.pretrained_cfg``, as timm's own default for that
-    backbone is 0.9). Train: RandomResizedCrop(scale=(0.05, 1)) + horizontal flip, the
-    paper's augmentation; without ``train_augmentation`` it is the eval transform. Images are converted
-    to RGB first, so grayscale data (digits) works with any backbone, then drawn in ``rendition``
-    (one of :data:`RENDITIONS`) when one is given.
+    """``(train_transform, eval_transform)`` on PIL images (the PIL path), from the backbone's
+    :func:`input_config`. Eval: Resize(``floor(size / crop_pct)``) + CenterCrop. Train:
+    RandomResizedCrop(scale=``crop_scale``) + horizontal flip, the paper's augmentation; without
+    ``train_augmentation`` it is the eval transform. Both start with :func:`rgb_rendition`.
     """
-    config = timm.data.resolve_model_data_config(backbone)
-    patch_embed = getattr(backbone, "patch_embed", None)
-    size = tuple(getattr(patch_embed, "img_size", None) or config["input_size"][-2:])
-    interpolation = str_to_interp_mode(config["interpolation"])
-    to_rgb = transforms.Compose(
-        [
-            transforms.Lambda(methodcaller("convert", "RGB")),
-            *([transforms.Lambda(RENDITIONS[rendition])] if rendition else []),
-        ]
-    )
-    to_tensor = [transforms.ToTensor(), transforms.Normalize(config["mean"], config["std"])]
+    config = input_config(backbone)
+    interpolation = str_to_interp_mode(config.interpolation)
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
     eval_transform = transforms.Compose(
         [
-            to_rgb,
+            rgb_rendition(rendition),
             transforms.Resize(
-                math.floor(size[0] / config["crop_pct"]), interpolation=interpolation
+                math.floor(config.size[0] / config.crop_pct), interpolation=interpolation
             ),
-            transforms.CenterCrop(size),
+            transforms.CenterCrop(config.size),
             *to_tensor,
         ]
     )
@@ -453,13 +481,34 @@ def backbone_transforms(
         return eval_transform, eval_transform
     train_transform = transforms.Compose(
         [
-            to_rgb,
-            transforms.RandomResizedCrop(size, scale=crop_scale, interpolation=interpolation),
+            rgb_rendition(rendition),
+            transforms.RandomResizedCrop(
+                config.size, scale=crop_scale, interpolation=interpolation
+            ),
             transforms.RandomHorizontalFlip(),
             *to_tensor,
         ]
     )
     return train_transform, eval_transform
+
+
+def batch_transforms(
+    backbone: torch.nn.Module,
+    train_augmentation: bool = True,
+    crop_scale: tuple[float, float] = (0.05, 1.0),
+) -> BatchTransforms:
+    """The batched path's counterpart of :func:`backbone_transforms`, on uint8 batches that
+    :func:`rgb_rendition` made (:class:`~avalanche_sdlora.runner.in_memory.DecodedImages`)."""
+    config = input_config(backbone)
+    return BatchTransforms(
+        size=config.size,
+        mean=config.mean,
+        std=config.std,
+        interpolation=config.interpolation,
+        crop_pct=config.crop_pct,
+        scale=tuple(crop_scale),
+        augment=train_augmentation,
+    )
 
 
 def _load(name: str, root: str | Path | None, seed: int) -> tuple[Dataset, Dataset]:
@@ -522,13 +571,14 @@ def make_benchmark(
     root: str | Path | None,
     n_experiences: int,
     order: list[int],
-    train_transform: Callable,
-    eval_transform: Callable,
+    train_transform: Callable | None,
+    eval_transform: Callable | None,
     num_classes: int | None = None,
     train_per_class: int | None = None,
     validation_per_class: int | None = None,
     initial_classes: int | None = None,
     seed: int = 0,
+    decode: Callable[[Image.Image], Image.Image] | None = None,
 ) -> NCScenario:
     """A class-incremental Avalanche benchmark (no task labels) over ``order[:num_classes]``.
 
@@ -541,7 +591,9 @@ def make_benchmark(
     (seeded draw, before ``train_per_class``) and makes them the test stream in place of the test
     set: settings are chosen on it, never on test images. Labels are positions in ``order`` (see the module docstring). ``train_transform``
     and ``eval_transform`` are Avalanche's ``train``/``eval`` transform groups (``dataset.train()`` /
-    ``.eval()``), applied to PIL images.
+    ``.eval()``), applied to PIL images; with ``decode`` (e.g. :func:`rgb_rendition`), every image
+    used is decoded once through it into one uint8 tensor (:class:`DecodedImages`) and the
+    transforms, if any, apply to uint8 image tensors.
 
     - ``split_cifar100``: CIFAR-100 from ``root`` (default: Avalanche's ``cifar100`` location) in
       torchvision's layout, via ``LocalCIFAR100``, never downloaded. ``nc_benchmark`` is called with
@@ -576,9 +628,15 @@ def make_benchmark(
     if train_per_class is not None:
         kept = _select(np.asarray(train.targets)[train_indices], classes, train_per_class, seed)
         train_indices = np.asarray(train_indices)[kept].tolist()
+    if decode is None:
+        train_set = as_classification_dataset(train).subset(train_indices)
+        test_set = as_classification_dataset(test).subset(test_indices)
+    else:
+        train_set = as_classification_dataset(DecodedImages(train, train_indices, decode))
+        test_set = as_classification_dataset(DecodedImages(test, test_indices, decode))
     return nc_benchmark(
-        as_classification_dataset(train).subset(train_indices),
-        as_classification_dataset(test).subset(test_indices),
+        train_set,
+        test_set,
         n_experiences=n_experiences,
         task_labels=False,
         shuffle=False,
