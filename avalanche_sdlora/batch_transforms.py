@@ -260,17 +260,17 @@ class BatchTransforms:
         )
 
     def _resample(self, images: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        """``rows @ image @ cols^T`` per image and channel, on the normalised image, clipped to the
-        range of a uint8 image as PIL's output is. ``rows`` is ``(N, h, H)`` and ``cols``
-        ``(N, w, W)``, or ``(1, ...)``: the same for every image. Every row of weights sums to 1,
-        so resampling the normalised image is normalising the resampled one."""
+        """``rows[i] @ image @ cols[i]^T`` for each image ``i`` and channel, on the normalised
+        image, clipped to the range of a uint8 image as PIL's output is (``rows``: ``(N, h, H)``,
+        ``cols``: ``(N, w, W)``). Every row of weights sums to 1, so resampling the normalised
+        image is normalising the resampled one."""
         n, channels = images.shape[:2]
         mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
         normalised = images.to(torch.float32).sub_(255 * mean).div_(255 * std)
         vertical = torch.matmul(rows[:, None], normalised)
         stacked = vertical.view(n, channels * rows.shape[1], -1)
-        out = torch.bmm(stacked, cols.expand(n, -1, -1).transpose(1, 2))
+        out = torch.bmm(stacked, cols.transpose(1, 2))
         out = out.view(n, channels, rows.shape[1], -1)
         for channel, (low, high) in enumerate(self._ranges()):
             out[:, channel].clamp_(low, high)

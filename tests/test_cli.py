@@ -104,10 +104,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_resume_after_a_crash_ends_with_the_same_metrics(tmp_path, monkeypatch):
-    args = ["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]"]
-    assert main([*args, "--output", str(tmp_path / "whole")]) == 0
-
+def crash_and_resume(args: list[str], broken: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``args`` into ``broken`` with a crash in the second experience's training (exit 1,
+    no metrics), then resume it to the end."""
     train = SDLoRA.train
     calls = []
 
@@ -118,11 +117,17 @@ def test_resume_after_a_crash_ends_with_the_same_metrics(tmp_path, monkeypatch):
         return train(self, *a, **k)
 
     monkeypatch.setattr(SDLoRA, "train", crash_on_second_experience)
-    broken = tmp_path / "broken"
     assert main([*args, "--output", str(broken)]) == 1
     assert not (broken / "metrics.json").exists()
     monkeypatch.setattr(SDLoRA, "train", train)
     assert main(["--resume", str(broken)]) == 0
+
+
+def test_resume_after_a_crash_ends_with_the_same_metrics(tmp_path, monkeypatch):
+    args = ["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]"]
+    assert main([*args, "--output", str(tmp_path / "whole")]) == 0
+    broken = tmp_path / "broken"
+    crash_and_resume(args, broken, monkeypatch)
 
     def runs(folder):
         return json.loads((folder / "metrics.json").read_text())["methods"]["sdlora"]["seeds"]

@@ -18,18 +18,32 @@ import json
 import pkgutil
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import dill
 import torch.optim
 from avalanche import checkpointing
+from avalanche.checkpointing import constructor_based_serialization
 from avalanche.training.templates import SupervisedTemplate
 
 from avalanche_sdlora.runner.outputs import atomic_write
 from avalanche_sdlora.runner.ownership import PROVENANCE_RECORD
 
-__all__ = ["restore_torch_optim_submodules", "save_checkpoint"]
+__all__ = ["checkpoint_by_constructor", "restore_torch_optim_submodules", "save_checkpoint"]
+
+
+def checkpoint_by_constructor(cls: type, arguments: Callable[[Any], Mapping[str, Any]]) -> None:
+    """Avalanche checkpoints store an object of ``cls`` as the keyword arguments that rebuild it,
+    ``arguments(obj)``, not its contents (a dataset's images), as Avalanche does for its own
+    datasets; equal ones load as one object."""
+
+    def save(pickler: dill.Pickler, obj: Any) -> None:
+        kwargs = dict(arguments(obj))
+        constructor_based_serialization(pickler, obj, cls, deduplicate=True, kwargs=kwargs)
+
+    dill.register(cls)(save)
 
 
 def restore_torch_optim_submodules() -> None:

@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import dill
 import numpy as np
 import torch
-from avalanche.checkpointing import constructor_based_serialization
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from avalanche_sdlora.runner.checkpoints import checkpoint_by_constructor
 
 __all__ = ["MAX_DECODED_BYTES", "DecodedImages", "in_memory_problem"]
 
@@ -70,15 +70,9 @@ class DecodedImages(Dataset):
         return self.images[index], self.targets[index]
 
 
-@dill.register(DecodedImages)
-def _checkpoint_decoded_images(pickler: dill.Pickler, obj: DecodedImages) -> None:
-    constructor_based_serialization(
-        pickler,
-        obj,
-        DecodedImages,
-        deduplicate=True,
-        kwargs={"source": obj.source, "indices": obj.indices, "decode": obj.decode},
-    )
+checkpoint_by_constructor(
+    DecodedImages, lambda obj: {"source": obj.source, "indices": obj.indices, "decode": obj.decode}
+)
 
 
 def _image_size(path: str) -> tuple[int, int]:

@@ -25,14 +25,12 @@ from operator import methodcaller
 from pathlib import Path
 from typing import ClassVar
 
-import dill
 import numpy as np
 import timm.data
 import torch
 from avalanche.benchmarks import NCScenario, nc_benchmark
 from avalanche.benchmarks.datasets import default_dataset_location
 from avalanche.benchmarks.utils.utils import as_classification_dataset
-from avalanche.checkpointing import constructor_based_serialization
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -43,6 +41,7 @@ from torchvision.datasets import CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from avalanche_sdlora.batch_transforms import BatchTransforms
+from avalanche_sdlora.runner.checkpoints import checkpoint_by_constructor
 from avalanche_sdlora.runner.in_memory import DecodedImages
 
 BENCHMARKS = ("split_cifar100", "imagefolder", "digits")
@@ -128,21 +127,15 @@ class LocalCIFAR100(CIFAR100):
         )
 
 
-@dill.register(LocalCIFAR100)
-def _checkpoint_local_cifar100(pickler: dill.Pickler, obj: LocalCIFAR100) -> None:
-    """Avalanche checkpoints store the constructor arguments, not the images (as for ``CIFAR100``)."""
-    constructor_based_serialization(
-        pickler,
-        obj,
-        LocalCIFAR100,
-        deduplicate=True,
-        kwargs={
-            "root": obj.root,
-            "train": obj.train,
-            "transform": obj.transform,
-            "target_transform": obj.target_transform,
-        },
-    )
+checkpoint_by_constructor(  # the path, not the images (as Avalanche's CIFAR100)
+    LocalCIFAR100,
+    lambda obj: {
+        "root": obj.root,
+        "train": obj.train,
+        "transform": obj.transform,
+        "target_transform": obj.target_transform,
+    },
+)
 
 
 class GrayImages(Dataset):
