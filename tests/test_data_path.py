@@ -245,3 +245,25 @@ def test_the_study_config_keeps_the_pil_path_its_results_were_made_with():
     study = load_config(str(Path(DEMO).parent / "tiny_imagenet.json"))
     assert study["benchmark"]["augmentation_device"] == "pil"
     assert study["benchmark"]["num_workers"] == "auto"  # 0 on the CPU, as before
+
+
+def test_frozen_feature_methods_see_the_same_images_on_both_paths(tmp_path):
+    """SimpleCIL draws nothing at random: its feature pass and evaluation on the batched path see
+    the PIL path's evaluation images up to PIL's rounding, so its accuracies agree; RanPAC's
+    first-session adaptation trains on the batched path's crops."""
+    args = ["--config", DEMO, *SHRINK, "--set", "experiment.compare=[]", "--seed", "0"]
+
+    def accuracies(method: str, device: str, *extra: str) -> list[list[float]]:
+        out = tmp_path / f"{method}-{device}"
+        settings = ["--set", f"experiment.strategy={method}"]
+        settings += ["--set", f"benchmark.augmentation_device={device}", *extra]
+        assert main([*args, "--output", str(out), *settings]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())["methods"][method]
+        return metrics["seeds"]["0"]["accuracy_matrix"]
+
+    pil, batched = accuracies("simplecil", "pil"), accuracies("simplecil", "auto")
+    assert np.abs(np.asarray(pil) - np.asarray(batched)).max() <= 1.5
+    adapted = accuracies(
+        "ranpac", "auto", "--set", "baselines.ranpac.first_session_adaptation=true"
+    )
+    assert np.isfinite(adapted).all() and adapted[-1][-1] > 0
