@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from avalanche.benchmarks import CLExperience
@@ -257,6 +258,23 @@ class SDLoRAViT(DynamicModule, BaseModel):
             for module in self.qkv_modules:
                 module.set_adapter_trainable(index, False)
         self._drop_merge()
+
+    @contextmanager
+    def adapters_left_out(self, indices: Iterable[int]) -> Iterator[None]:
+        """Within the block, the forward pass runs as if ``indices`` were pruned (the others' betas
+        renormalised, as a pruning would leave them); nothing is frozen or changed for good. The
+        growth decision measures the network without the new adapter this way."""
+        indices = self.gate.check_indices(indices)
+        saved = self.gate.pruned
+        left_out = saved.clone()
+        left_out[indices] = True
+        if indices and left_out.all():
+            raise ValueError(f"leaving out {indices} would leave no active adapter")
+        self.gate.pruned = left_out
+        try:
+            yield
+        finally:
+            self.gate.pruned = saved
 
     @torch.no_grad()
     def adapter_summary(self) -> list[dict[str, float | int | bool]]:

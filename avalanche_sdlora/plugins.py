@@ -4,6 +4,7 @@ gate's trace, batched data transforms and the split of training time into data a
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -12,11 +13,12 @@ import torch
 from avalanche.evaluation.metric_results import MetricValue
 from avalanche.training.plugins import SupervisedPlugin
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from avalanche_sdlora.absorption import KD_THRESHOLD, DirectionFit
 from avalanche_sdlora.batch_transforms import BatchTransforms
 from avalanche_sdlora.distributed import derived_seed, rank
-from avalanche_sdlora.pruning import AdapterDecision, SelectionPruner
+from avalanche_sdlora.pruning import AdapterDecision, SelectionPruner, accuracy_on
 
 __all__ = [
     "AutocastPlugin",
@@ -50,12 +52,15 @@ def _publish(strategy, origin: SupervisedPlugin, prefix: str, values: Mapping[st
         )
 
 
-class GumbelPruningPlugin(SupervisedPlugin, supports_distributed=True):
-    """Prunes rarely selected adapters after each training experience, then consolidates the new one.
+class GumbelPruningPlugin(SDLoRAPlugin, supports_distributed=True):
+    """Decides after each training experience whether the model grew and which adapters to prune,
+    then consolidates the new adapter.
 
     The decision (:class:`~avalanche_sdlora.pruning.SelectionPruner`, or the ``pruner`` given, such
     as the :class:`~avalanche_sdlora.pruning.RandomPruner` control) runs in ``after_training_exp``,
-    before the experience's evaluation. Each adapter's alpha, logit, betas, frequency, decision and
+    before the experience's evaluation; with ``growth="phase1"`` the new adapter's fate is decided
+    at the end of phase 1 (``after_training_phase``), and with ``growth="gain"`` after phase 2 from
+    its measured gain (:meth:`gain`). Each adapter's alpha, logit, betas, frequency, decision and
     agreement is published through the strategy's evaluator, so every logger records it, and kept in
     ``history`` for the report. With the model's gate off there is nothing to select: every adapter
     is kept.
@@ -72,10 +77,19 @@ class GumbelPruningPlugin(SupervisedPlugin, supports_distributed=True):
         rule: str = "eval_beta",
         seed: int = 0,
         pruner: SelectionPruner | None = None,
+        growth: str = "always",
+        growth_gain: float = 1.0,
+        patience: int = 1,
     ):
         super().__init__()
         self.pruner = pruner or SelectionPruner(
-            rule=rule, num_samples=num_samples, threshold=threshold, seed=seed
+            rule=rule,
+            num_samples=num_samples,
+            threshold=threshold,
+            seed=seed,
+            growth=growth,
+            growth_gain=growth_gain,
+            patience=patience,
         )
         self.history: list[AdapterDecision] = []
         self._experience = 0
@@ -83,17 +97,50 @@ class GumbelPruningPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs) -> None:
         self._experience = strategy.clock.train_exp_counter
 
+    def after_training_phase(self, strategy, **kwargs) -> None:
+        model = strategy.model
+        if strategy.phase == 1 and model.gate_enabled and self.pruner.growth == "phase1":
+            self._apply(strategy, self.pruner.phase1_growth(model, self._experience))
+
     def after_training_exp(self, strategy, **kwargs) -> None:
         model = strategy.model
         if model.gate_enabled:
             decisions = self.pruner.decide(model, self._experience)
-            self.pruner.apply(model, decisions)
-            self.history.extend(decisions)
-            for d in decisions:
-                fields = ("alpha", "logit", "eval_beta", "mean_beta", "frequency", "pruned")
-                prefix = f"Pruning/Exp{d.experience:03d}/Adapter{d.adapter:03d}"
-                _publish(strategy, self, prefix, {f: getattr(d, f) for f in fields})
+            if self.pruner.growth == "gain":
+                decisions = self.pruner.with_gain(decisions, self.gain(strategy, decisions))
+            self._apply(strategy, decisions)
         model.consolidate()
+
+    def gain(self, strategy, decisions: list[AdapterDecision]) -> float:
+        """Points of accuracy on the experience's classes, over its training data with the
+        evaluation transforms, that the new adapter adds to the network these decisions leave; NaN
+        when there is no new adapter left to judge, or no other adapter would stay."""
+        gone = [d.adapter for d in decisions if d.pruned]
+        new = [d.adapter for d in decisions if d.new and not d.pruned]
+        if not new or len(gone) + len(new) == len(decisions):
+            return math.nan
+        model, experience = strategy.model, strategy.experience
+        batches = DataLoader(experience.dataset.eval(), batch_size=strategy.eval_mb_size)
+        classes = experience.classes_in_this_experience
+        training = model.training
+        model.eval()
+        try:
+            accuracy = {}
+            for grows, left_out in ((True, gone), (False, gone + new)):
+                with model.adapters_left_out(left_out):
+                    accuracy[grows] = accuracy_on(model, batches, classes, strategy.device)
+        finally:
+            model.train(training)
+        return accuracy[True] - accuracy[False]
+
+    def _apply(self, strategy, decisions: list[AdapterDecision]) -> None:
+        """Prune what ``decisions`` say, keep them in ``history`` and publish them."""
+        self.pruner.apply(strategy.model, decisions)
+        self.history.extend(decisions)
+        for d in decisions:
+            fields = ("alpha", "logit", "eval_beta", "mean_beta", "frequency", "pruned")
+            prefix = f"Pruning/Exp{d.experience:03d}/Adapter{d.adapter:03d}"
+            _publish(strategy, self, prefix, {f: getattr(d, f) for f in fields})
 
 
 class KnowledgeDistillationPlugin(SupervisedPlugin, supports_distributed=True):

@@ -119,6 +119,7 @@ class SDLoRA(SupervisedTemplate):
         check_plugins(plugins, model)
         if self.settings.pruning and not any(isinstance(p, GumbelPruningPlugin) for p in plugins):
             plugins.insert(0, GumbelPruningPlugin())
+        _check_growth(plugins, self.settings)
         phase_restarts = PhaseRestarts(plugins)
         if phase_restarts.targets:
             plugins.append(phase_restarts)
@@ -332,6 +333,18 @@ class SDLoRA(SupervisedTemplate):
         renumber = torch.full((logits.shape[1],), -1, dtype=torch.long, device=targets.device)
         renumber[columns] = torch.arange(len(columns), device=targets.device)
         return logits[:, columns], renumber[targets]
+
+
+def _check_growth(plugins: Sequence[BasePlugin], settings: SDLoRASettings) -> None:
+    """``growth="phase1"`` decides at the end of phase 1, which a joint phase does not have."""
+    if settings.two_phase:
+        return
+    for plugin in plugins:
+        if isinstance(plugin, GumbelPruningPlugin) and plugin.pruner.growth == "phase1":
+            raise ValueError(
+                "growth 'phase1' decides at the end of phase 1, and two_phase=False trains one "
+                "joint phase; use growth 'gain' or 'always' there"
+            )
 
 
 def _signature_with_settings(init: Any) -> inspect.Signature:

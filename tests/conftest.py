@@ -21,6 +21,21 @@ def make_small_vit(embed_dim: int = 32, depth: int = 2, img_size: int = 16) -> V
     )
 
 
+def make_blind_vit() -> VisionTransformer:
+    """A small ViT whose blocks are the identity: the value slice of every ``qkv`` and every MLP
+    output are zero, so its features are the mean patch's token and only an adapter on the values
+    sees more."""
+    vit = make_small_vit()
+    with torch.no_grad():
+        for block in vit.blocks:
+            width = block.attn.qkv.out_features // 3
+            block.attn.qkv.weight[2 * width :].zero_()
+            block.attn.qkv.bias[2 * width :].zero_()
+            block.mlp.fc2.weight.zero_()
+            block.mlp.fc2.bias.zero_()
+    return vit
+
+
 # The test models are tiny: one thread is as fast, and it does not stall when the machine is shared
 # (two spinning OpenMP threads slow down many times when another process takes a core).
 torch.set_num_threads(1)

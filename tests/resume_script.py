@@ -1,6 +1,7 @@
 """Trains SD-LoRA on the separable stream, optionally resuming from / saving an Avalanche checkpoint.
 
-Run as a separate process by the checkpoint test: prints the final metrics as JSON on the last line.
+Run as a separate process by the checkpoint tests: prints the final metrics and the pruning decisions
+(experience, adapter, pruned, unused) as JSON on the last line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_small_vit
 from streams import separable_benchmark
 
-from avalanche_sdlora import SDLoRA, SDLoRAViT
+from avalanche_sdlora import GumbelPruningPlugin, SDLoRA, SDLoRAViT
 from avalanche_sdlora.runner.checkpoints import save_checkpoint
 
 
@@ -29,19 +30,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--patience", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--experiences", type=int, default=3)
     args = parser.parse_args()
     RNGManager.set_random_seeds(args.seed)
     torch.use_deterministic_algorithms(True)
-    benchmark = separable_benchmark()
+    benchmark = separable_benchmark(experiences=args.experiences)
     evaluator = EvaluationPlugin(
         accuracy_metrics(experience=True, stream=True), loss_metrics(epoch=True), loggers=[]
     )
     strategy = SDLoRA(
         model=SDLoRAViT(make_small_vit(), rank=4),
         train_mb_size=16,
-        train_epochs=3,
+        train_epochs=args.epochs,
         evaluator=evaluator,
         lr=0.05,
+        plugins=[GumbelPruningPlugin(patience=args.patience)],
     )
     start = 0
     if args.checkpoint is not None:
@@ -52,7 +57,11 @@ def main() -> None:
         results = strategy.eval(benchmark.test_stream)
         if args.checkpoint is not None:
             save_checkpoint(strategy, args.checkpoint)
-    print(json.dumps({k: v for k, v in results.items() if isinstance(v, float)}))
+    printed = {k: v for k, v in results.items() if isinstance(v, float)}
+    printed["pruning"] = [
+        (d.experience, d.adapter, d.pruned, d.unused) for d in strategy.pruning_plugin.history
+    ]
+    print(json.dumps(printed))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""The growth decision (the model grows only when its old adapters do not serve the new classes) and
+the patience of pruning (an old adapter goes only after several decisions in a row marked it).
+
+The growth tests train on checkerboard streams (tests/streams.py) and a ViT whose blocks are the
+identity (``make_blind_vit``), so that only an adapter tells the classes apart. Over seeds 0-7 the
+stream the old adapter solves declined growth in 8 of 8 seeds under both rules (phase-1 logit gaps
+3.2 to 4.5 where 0.5 declines; gain 0.0 points where 1.0 keeps), and the stream that needs a new
+direction grew at its contrast experience in 7 of 8 under ``growth="gain"`` (gains 22.5 to 50
+points where measured) and declined at the repeat that follows in 8 of 8.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.plugins import EvaluationPlugin
+from conftest import make_blind_vit
+from streams import contrast_pair, image_stream, plain_pair
+from test_selection import model_with_logits
+from test_strategy import run_resume_script
+
+from avalanche_sdlora import GumbelPruningPlugin, SDLoRA, SDLoRAViT
+from avalanche_sdlora.pruning import (
+    AdapterDecision,
+    RandomPruner,
+    SelectionPruner,
+    experiences_without_growth,
+)
+
+
+def train_gated(experiences, growth: str, seed: int) -> SDLoRA:
+    """SD-LoRA with one value adapter in the first block of ``make_blind_vit``, trained on
+    ``experiences`` (``(images, labels)`` each) with the given growth rule."""
+    torch.manual_seed(seed)
+    strategy = SDLoRA(
+        model=SDLoRAViT(make_blind_vit(), rank=4, targets="v", blocks=[0]),
+        plugins=[GumbelPruningPlugin(growth=growth)],
+        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]),
+        train_mb_size=16,
+        train_epochs=30,
+        optimizer="adam",
+        lr=0.01,
+        phase1_fraction=0.5,
+    )
+    for experience in image_stream(experiences).train_stream:
+        strategy.train(experience)
+    return strategy
+
+
+def new_adapter_rows(strategy: SDLoRA) -> dict[int, AdapterDecision]:
+    """The decision row of each experience's new adapter."""
+    return {d.experience: d for d in strategy.pruning_plugin.history if d.new}
+
+
+def trained(strategy: SDLoRA, adapter: int) -> bool:
+    return any(module.lora_B[adapter].abs().sum() > 0 for module in strategy.model.qkv_modules)
+
+
+@pytest.mark.parametrize("growth", ["phase1", "gain"])
+def test_an_experience_the_old_adapter_solves_does_not_grow(growth):
+    # experience 1 shows experience 0's images again, as new classes: adapter 0 tells them apart
+    strategy = train_gated([(contrast_pair(0), [0, 1]), (contrast_pair(0), [2, 3])], growth, 0)
+    rows = new_adapter_rows(strategy)
+    history = [d.as_dict() for d in strategy.pruning_plugin.history]
+    assert experiences_without_growth(history) == [1]  # "always" grows: []
+    assert rows[1].pruned and not rows[1].grew and rows[0].grew
+    assert strategy.model.gate.active_indices == [0]
+    assert [r["active_adapters"] for r in strategy.experience_log] == [1, 1]
+    if growth == "phase1":  # declined at the end of phase 1, so phase 2 never trained it
+        assert rows[1].eval_beta == 0.0 and not trained(strategy, 1)
+    else:  # trained, then measured: pruning it costs no accuracy on its classes
+        assert rows[1].gain == 0.0 and trained(strategy, 1)
+
+
+def test_an_experience_that_needs_a_new_direction_grows():
+    # experience 0's classes need no adapter; experience 1's only an adapter tells apart (adapter 0,
+    # trained on nothing it needed, does not); experience 2 shows experience 1's images again
+    experiences = [
+        (plain_pair(103), [0, 1]),
+        (contrast_pair(3), [2, 3]),
+        (contrast_pair(3), [4, 5]),
+    ]
+    strategy = train_gated(experiences, "gain", 3)
+    rows = new_adapter_rows(strategy)
+    history = [d.as_dict() for d in strategy.pruning_plugin.history]
+    assert experiences_without_growth(history) == [2]  # "always" grows: []
+    assert not rows[1].pruned and rows[1].gain >= 20.0  # the bar is 1 point
+    assert rows[2].pruned and rows[2].gain < 1.0
+    assert 1 in strategy.model.gate.active_indices and trained(strategy, 1)
+
+
+def test_phase1_growth_needs_a_phase_1():
+    with pytest.raises(ValueError, match="growth 'phase1' decides at the end of phase 1"):
+        SDLoRA(
+            model=SDLoRAViT(make_blind_vit(), rank=2),
+            plugins=[GumbelPruningPlugin(growth="phase1")],
+            two_phase=False,
+        )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"growth": "sometimes"},
+            "growth must be one of ['always', 'phase1', 'gain'], got 'sometimes'",
+        ),
+        ({"patience": 0}, "patience must be an int >= 1, got 0"),
+        ({"patience": 1.5}, "patience must be an int >= 1, got 1.5"),
+        ({"growth_gain": -1.0}, "growth_gain must be in [0, 100] (points of accuracy), got -1.0"),
+    ],
+)
+def test_bad_growth_and_patience_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SelectionPruner(**settings)
+
+
+@pytest.mark.parametrize("settings", [{"growth": "gain"}, {"patience": 2}])
+def test_the_random_control_takes_no_growth_rule_or_patience(settings):
+    with pytest.raises(ValueError, match="RandomPruner takes growth='always' and patience=1"):
+        RandomPruner({1: 1}, **settings)
+
+
+def decide_and_apply(pruner: SelectionPruner, model: SDLoRAViT, experience: int) -> list:
+    decisions = pruner.decide(model, experience)
+    pruner.apply(model, decisions)
+    return [(d.adapter, d.pruned, d.unused) for d in decisions]
+
+
+def test_an_old_adapter_is_pruned_after_patience_markings_in_a_row():
+    # adapter 1's evaluation beta is 0 (marked); adapter 2 is the pending (new) one, also marked
+    model = model_with_logits([3.0, 0.0, -3.0, 3.0])
+    model.consolidate()  # every adapter is old now
+    pruner = SelectionPruner(patience=3, seed=0)
+    assert decide_and_apply(pruner, model, 1) == [
+        (0, False, 0),
+        (1, False, 1),
+        (2, False, 1),
+        (3, False, 0),
+    ]
+    with torch.no_grad():
+        model.gate.logits[2].fill_(3.0)  # adapter 2 is used again: its count restarts
+    assert decide_and_apply(pruner, model, 2) == [
+        (0, False, 0),
+        (1, False, 2),
+        (2, False, 0),
+        (3, False, 0),
+    ]
+    assert decide_and_apply(pruner, model, 3) == [
+        (0, False, 0),
+        (1, True, 3),
+        (2, False, 0),
+        (3, False, 0),
+    ]
+    assert model.gate.active_indices == [0, 2, 3] and 1 not in pruner.unused
+
+
+def test_a_new_adapter_is_judged_at_once_and_patience_one_is_the_one_step_verdict():
+    for patience, pruned in ((1, [1, 2]), (5, [2])):
+        model = model_with_logits([3.0, 0.0, -3.0])  # adapter 2 is pending: the new one
+        decisions = SelectionPruner(patience=patience).decide(model, 1)
+        assert [d.adapter for d in decisions if d.pruned] == pruned
+        assert [d.new for d in decisions] == [False, False, True]
+
+
+def test_patience_counts_survive_a_checkpoint(tmp_path):
+    args = ("--seed", "1", "--patience", "2", "--epochs", "6", "--experiences", "4")
+    uninterrupted = run_resume_script(*args)
+    checkpoint = str(tmp_path / "checkpoint.pkl")
+    run_resume_script(*args, "--stop-after", "3", "--checkpoint", checkpoint)
+    resumed = run_resume_script(*args, "--checkpoint", checkpoint)
+    assert resumed == uninterrupted
+    # (experience, adapter, pruned, unused): marked by the third decision, pruned by the fourth,
+    # the first after the checkpoint
+    pruned = [row for row in resumed["pruning"] if row[2]]
+    assert pruned == [[3, 0, True, 2], [3, 1, True, 2]]
+    assert [2, 0, False, 1] in resumed["pruning"] and [2, 1, False, 1] in resumed["pruning"]
