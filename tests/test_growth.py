@@ -11,7 +11,9 @@ points where measured) and declined at the repeat that follows in 8 of 8.
 
 from __future__ import annotations
 
+import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 from conftest import make_blind_vit
 from streams import contrast_pair, image_stream, plain_pair
+from test_cli import DEMO, SHRINK
 from test_selection import model_with_logits
 from test_strategy import run_resume_script
 
@@ -29,6 +32,9 @@ from avalanche_sdlora.pruning import (
     SelectionPruner,
     experiences_without_growth,
 )
+from avalanche_sdlora.runner.cli import main
+from avalanche_sdlora.runner.config import load_config
+from avalanche_sdlora.runner.experiment import _make_strategy
 
 
 def train_gated(experiences, growth: str, seed: int) -> SDLoRA:
@@ -178,3 +184,43 @@ def test_patience_counts_survive_a_checkpoint(tmp_path):
     pruned = [row for row in resumed["pruning"] if row[2]]
     assert pruned == [[3, 0, True, 2], [3, 1, True, 2]]
     assert [2, 0, False, 1] in resumed["pruning"] and [2, 1, False, 1] in resumed["pruning"]
+
+
+def test_the_runner_hands_growth_and_patience_to_the_decision(tmp_path):
+    overrides = ["sdlora.growth=gain", "sdlora.growth_gain=2.5", "sdlora.prune_patience=3"]
+    gated = _make_strategy("sdlora", load_config(DEMO, overrides), tmp_path / "gated", 10)
+    pruner = gated.pruning_plugin.pruner
+    assert (pruner.growth, pruner.growth_gain, pruner.patience) == ("gain", 2.5, 3)
+    config = load_config(DEMO, [*overrides, 'experiment.compare=["sdlora_random"]'])
+    reference = SimpleNamespace(pruning=[])  # the gated run's report: nothing pruned
+    control = _make_strategy("sdlora_random", config, tmp_path / "control", 10, reference=reference)
+    assert (control.pruning_plugin.pruner.growth, control.pruning_plugin.pruner.patience) == (
+        "always",
+        1,
+    )
+
+
+def test_a_run_reports_the_experiences_without_growth(tmp_path):
+    out = tmp_path / "run"
+    args = [*SHRINK, "--set", "experiment.compare=[]", "--set", "sdlora.growth=gain"]
+    args += ["--set", "sdlora.growth_gain=100"]  # no adapter adds 100 points: every one is declined
+    assert main(["--config", DEMO, "--output", str(out), *args]) == 0
+    run = json.loads((out / "metrics.json").read_text())["methods"]["sdlora"]
+    decisions = run["seeds"]["0"]["pruning"]
+    assert [(d["experience"], d["new"], d["pruned"], d["grew"]) for d in decisions if d["new"]] == [
+        (0, True, False, True),  # the first adapter always stays
+        (1, True, True, False),
+    ]
+    assert run["seeds"]["0"]["experiences_without_growth"] == 1
+    assert run["summary"]["experiences_without_growth"] == {"mean": 1.0, "std": 0.0}
+    header = (out / "pruning.csv").read_text().splitlines()[0]
+    assert header.endswith(",agreement,grew,unused,gain")
+
+
+def test_phase1_growth_with_a_joint_phase_is_refused_before_any_work(tmp_path, capsys):
+    args = ["--set", "sdlora.growth=phase1", "--compare", "sdlora_joint"]
+    assert main(["--config", DEMO, "--output", str(tmp_path / "run"), *args]) == 2
+    assert "sdlora.growth: 'phase1' decides at the end of phase 1, which ['sdlora_joint']" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()

@@ -229,7 +229,7 @@ def test_random_control_prunes_the_same_counts_as_sdlora(tmp_path):
         control = RandomPruner.counts_from(metrics["sdlora_random"]["seeds"][seed]["pruning"])
         assert control == gated and sum(gated.values()) >= 2
     header = (out / "pruning.csv").read_text().splitlines()[0]
-    assert header.endswith("eval_beta,mean_beta,frequency,pruned,new,agreement")
+    assert header.endswith("eval_beta,mean_beta,frequency,pruned,new,agreement,grew,unused,gain")
 
 
 def test_random_control_needs_the_gated_run(tmp_path, capsys):

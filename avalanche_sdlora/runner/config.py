@@ -26,7 +26,7 @@ from avalanche_sdlora.absorption import KD_THRESHOLD
 from avalanche_sdlora.adapters import targets_problem
 from avalanche_sdlora.batch_transforms import INTERPOLATIONS
 from avalanche_sdlora.model import SDLoRAViT
-from avalanche_sdlora.pruning import SelectionPruner
+from avalanche_sdlora.pruning import GROWTH_RULES, SelectionPruner
 from avalanche_sdlora.runner.data_path import AUGMENTATION_DEVICES
 from avalanche_sdlora.runner.ranpac import PAPER_RIDGES
 from avalanche_sdlora.runner.streams import RENDITIONS, initial_classes_problem
@@ -481,6 +481,25 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
             "head; each class's mean is taken over its training images once its experience is "
             "trained",
         ),
+        "prune_patience": Setting(
+            _PRUNER["patience"].default,
+            (int,),
+            "prune an old adapter only after this many decisions in a row marked it unused",
+            check=at_least(1),
+        ),
+        "growth": Setting(
+            _PRUNER["growth"].default,
+            (str,),
+            "always: keep every new adapter; phase1: prune it before phase 2 where the gate chose "
+            "old adapters over it; gain: keep it only when it adds growth_gain points of accuracy",
+            choices=GROWTH_RULES,
+        ),
+        "growth_gain": Setting(
+            _PRUNER["growth_gain"].default,
+            _NUMBER,
+            "growth gain: points of its classes' training accuracy a new adapter must add to stay",
+            check=lambda v: None if 0 <= v <= 100 else "must be in [0, 100]",
+        ),
     },
     "baselines": {
         "naive": {**_optimizer(1e-3)},
@@ -794,7 +813,7 @@ def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[st
             f"({benchmark['n_experiences']}), got {benchmark['num_classes']}"
         )
     methods = [config["experiment"]["strategy"], *config["experiment"]["compare"]]
-    gated_kd, reduced = [], []
+    gated_kd, reduced, joint = [], [], []
     for method in dict.fromkeys(methods):
         if method not in SDLORA_VARIANTS:
             continue
@@ -803,6 +822,8 @@ def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[st
             gated_kd.append(method)
         if settings["rank_reduction"]:
             reduced.append(method)
+        if settings["growth"] == "phase1" and settings["gate"] and not settings["two_phase"]:
+            joint.append(method)
     larger = {k: r for k, r in sdlora["rank_schedule"].items() if r > sdlora["rank"]}
     if reduced and larger:
         problems.append(
@@ -813,6 +834,11 @@ def _cross_checks(config: Mapping[str, Any], user: Mapping[str, Any]) -> list[st
         problems.append(
             "sdlora.knowledge_distillation: SD-LoRA-KD is defined for plain SD-LoRA (gate off), "
             f"but {gated_kd} run with the gate on; use sdlora_kd, or set sdlora.gate false"
+        )
+    if joint:
+        problems.append(
+            f"sdlora.growth: 'phase1' decides at the end of phase 1, which {joint} (one joint "
+            "phase) do not have; use gain or always"
         )
     if RANDOM_CONTROL in methods and "sdlora" not in methods:
         problems.append(

@@ -193,7 +193,13 @@ def _make_strategy(
             counts = RandomPruner.counts_from(reference.pruning)
             chosen = RandomPruner(counts, **pruner)
         else:
-            chosen = SelectionPruner(threshold=s["prune_threshold"], **pruner)
+            chosen = SelectionPruner(
+                threshold=s["prune_threshold"],
+                growth=s["growth"],
+                growth_gain=s["growth_gain"],
+                patience=s["prune_patience"],
+                **pruner,
+            )
         plugins.insert(0, GumbelPruningPlugin(pruner=chosen))
     if s["knowledge_distillation"]:
         plugins.insert(0, KnowledgeDistillationPlugin(s["kd_threshold"]))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from avalanche_sdlora.absorption import DirectionFit
-from avalanche_sdlora.pruning import AdapterDecision
+from avalanche_sdlora.pruning import AdapterDecision, experiences_without_growth
 from avalanche_sdlora.runner.metrics import NME_METRIC, TOP5_METRIC
 
 __all__ = ["RunReport", "accuracy_matrix", "summarize_run"]
@@ -87,6 +87,8 @@ class RunReport:
     pruning: list[dict] = field(default_factory=list)
     gate_trace: list[dict] = field(default_factory=list)
     absorption: list[dict] = field(default_factory=list)
+    experiences_without_growth: int | None = None
+    """Experiences whose new adapter did not survive the growth decision (``None``: no decision)."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +124,8 @@ def summarize_run(
     """Accuracy matrix, last and average incremental accuracy, forgetting and BWT, old- and new-class
     accuracy after each experience, the top-5 and nearest-class-mean accuracies where measured, plus
     the per-experience records (active adapters, trainable parameters, wall time per phase, peak
-    memory), the pruning decisions, the per-epoch alpha/beta trace (``GateTracePlugin.trace``) and
+    memory), the pruning decisions (and the number of experiences in which the model did not
+    grow), the per-epoch alpha/beta trace (``GateTracePlugin.trace``) and
     the SD-LoRA-KD direction fits.
 
     ``test_sizes`` (samples per experience's test set) weights the accuracy over several
@@ -149,6 +152,7 @@ def summarize_run(
     ]
     top5 = _measured(eval_results, stream, TOP5_METRIC, weights)
     nme = _measured(eval_results, stream, NME_METRIC, weights)
+    decisions = [decision.as_dict() for decision in pruning_history]
     return RunReport(
         accuracy_matrix=matrix.tolist(),
         last_accuracy=seen[-1],
@@ -165,7 +169,10 @@ def summarize_run(
         nme_seen_class_accuracy=nme[1],
         nme_last_accuracy=nme[2],
         experiences=[dict(record) for record in experience_log],
-        pruning=[decision.as_dict() for decision in pruning_history],
+        pruning=decisions,
         gate_trace=[dict(row) for row in gate_trace],
         absorption=[fit.as_dict() for fit in absorption_fits],
+        experiences_without_growth=len(experiences_without_growth(decisions))
+        if decisions
+        else None,
     )

@@ -61,6 +61,7 @@ SUMMARY_METRICS = (
     "forward_backward_seconds",
     "eval_seconds",
     "peak_memory_mb",
+    "experiences_without_growth",
 )
 
 _LAST_OF = {
@@ -138,6 +139,9 @@ def write_run_folder(
         "pruned",
         "new",
         "agreement",
+        "grew",
+        "unused",
+        "gain",
     ]
     write_csv(
         run_dir / "pruning.csv",
