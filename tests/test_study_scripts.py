@@ -27,6 +27,7 @@ params_vs_accuracy = _load("params_vs_accuracy")
 lever_table = _load("lever_table")
 ewc_stiffness = _load("ewc_stiffness")
 study_table = _load("study_table")
+survivors = _load("survivors")
 
 
 def _fit(experience, residual, absorbed=False):
@@ -183,3 +184,43 @@ def test_study_table_gathers_a_methods_seeds_over_parts_and_compares_with_head_o
     ]
     with pytest.raises(ValueError, match="replay seed 0 appears in two parts"):
         study_table.table([baselines, baselines])
+
+
+def _decisions(table: dict[int, list[tuple[int, bool]]]) -> list[dict]:
+    """A decision table: experience -> (adapter, pruned) rows; an experience's own adapter is new."""
+    return [
+        {"experience": e, "adapter": a, "pruned": pruned, "new": a == e}
+        for e, rows in table.items()
+        for a, pruned in rows
+    ]
+
+
+def test_survivors_per_seed_and_their_overlap_across_seeds():
+    # seed 0 keeps 0 and 2; seed 1 declines to grow at experience 1 (its adapter 1 pruned as new)
+    # and keeps 0 and 2; seed 2 prunes adapter 0 and keeps 1 and 2
+    seed0 = {0: [(0, False)], 1: [(0, False), (1, False)], 2: [(0, False), (1, True), (2, False)]}
+    seed1 = {0: [(0, False)], 1: [(0, False), (1, True)], 2: [(0, False), (2, False)]}
+    seed2 = {0: [(0, False)], 1: [(0, True), (1, False)], 2: [(1, False), (2, False)]}
+    part = {
+        "methods": {
+            "sdlora": {"seeds": {"0": {"pruning": _decisions(seed0)}}},
+            "sdlora_plain": {"seeds": {"0": {"pruning": []}}},  # no gate: left out
+        }
+    }
+    later = {
+        "methods": {
+            "sdlora": {
+                "seeds": {str(k): {"pruning": _decisions(t)} for k, t in ((1, seed1), (2, seed2))}
+            }
+        }
+    }
+    methods = survivors.gated([part, later])
+    assert list(methods) == ["sdlora"]
+    assert survivors.per_seed(methods).splitlines()[2:] == [
+        "| sdlora | 0 | 0, 2 | 2/3 | 0 |",
+        "| sdlora | 1 | 0, 2 | 2/3 | 1 (1) |",
+        "| sdlora | 2 | 1, 2 | 2/3 | 0 |",
+    ]
+    # Jaccard: seeds 0-1 = 1, 0-2 = 1/3, 1-2 = 1/3
+    assert survivors.overlap(methods).splitlines()[2:] == ["| sdlora | 3 | 0.556 | 0.333 | 2 |"]
+    assert survivors.jaccard(set(), set()) == 1.0 and survivors.jaccard({1}, {2}) == 0.0
