@@ -125,13 +125,13 @@ class GumbelPruningPlugin(SDLoRAPlugin, supports_distributed=True):
         training = model.training
         model.eval()
         try:
-            accuracy = {}
-            for grows, left_out in ((True, gone), (False, gone + new)):
-                with model.adapters_left_out(left_out):
-                    accuracy[grows] = accuracy_on(model, batches, classes, strategy.device)
+            with model.adapters_left_out(gone):
+                grown = accuracy_on(model, batches, classes, strategy.device)
+            with model.adapters_left_out(gone + new):
+                declined = accuracy_on(model, batches, classes, strategy.device)
         finally:
             model.train(training)
-        return accuracy[True] - accuracy[False]
+        return grown - declined
 
     def _apply(self, strategy, decisions: list[AdapterDecision]) -> None:
         """Prune what ``decisions`` say, keep them in ``history`` and publish them."""
