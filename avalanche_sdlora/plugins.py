@@ -122,8 +122,11 @@ class GumbelPruningPlugin(SDLoRAPlugin, supports_distributed=True):
         model, experience = strategy.model, strategy.experience
         batches = DataLoader(experience.dataset.eval(), batch_size=strategy.eval_mb_size)
         classes = experience.classes_in_this_experience
-        training = model.training
+        # an evaluation: the model in eval mode, and on the batched data path the evaluation
+        # transform (BatchTransformPlugin reads is_training), with no training crop drawn
+        training, is_training = model.training, strategy.is_training
         model.eval()
+        strategy.is_training = False
         try:
             with model.adapters_left_out(gone):
                 grown = accuracy_on(model, batches, classes, strategy.device)
@@ -131,6 +134,7 @@ class GumbelPruningPlugin(SDLoRAPlugin, supports_distributed=True):
                 declined = accuracy_on(model, batches, classes, strategy.device)
         finally:
             model.train(training)
+            strategy.is_training = is_training
         return grown - declined
 
     def _apply(self, strategy, decisions: list[AdapterDecision]) -> None:

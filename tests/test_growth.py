@@ -12,6 +12,7 @@ points where measured) and declined at the repeat that follows in 8 of 8.
 from __future__ import annotations
 
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -19,13 +20,16 @@ import pytest
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
-from conftest import make_blind_vit
+from conftest import make_blind_vit, make_small_vit
 from streams import contrast_pair, image_stream, plain_pair
 from test_cli import DEMO, SHRINK
+from test_data_path import MEAN, STD, uint8_stream
 from test_selection import model_with_logits
 from test_strategy import run_resume_script
 
 from avalanche_sdlora import GumbelPruningPlugin, SDLoRA, SDLoRAViT
+from avalanche_sdlora.batch_transforms import BatchTransforms
+from avalanche_sdlora.plugins import BatchTransformPlugin
 from avalanche_sdlora.pruning import (
     AdapterDecision,
     RandomPruner,
@@ -96,6 +100,24 @@ def test_an_experience_that_needs_a_new_direction_grows():
     assert not rows[1].pruned and rows[1].gain >= 20.0  # the bar is 1 point
     assert rows[2].pruned and rows[2].gain < 1.0
     assert 1 in strategy.model.gate.active_indices and trained(strategy, 1)
+
+
+def test_the_gain_is_measured_with_the_evaluation_transform_on_the_batched_path():
+    batched = BatchTransformPlugin(BatchTransforms((16, 16), MEAN, STD), seed=3)
+    pruning = GumbelPruningPlugin(growth="gain")
+    strategy = SDLoRA(
+        model=SDLoRAViT(make_small_vit(), rank=2),
+        plugins=[pruning, batched],
+        evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]),
+        train_mb_size=8,
+        train_epochs=1,
+        lr=0.01,
+    )
+    for experience in uint8_stream().train_stream:  # 3 training batches each
+        strategy.train(experience)
+    assert batched.batches == 6  # the two passes over experience 1 drew no training crop
+    gains = [d.gain for d in pruning.history if d.new]
+    assert math.isnan(gains[0]) and math.isfinite(gains[1])  # the first adapter always stays
 
 
 def test_phase1_growth_needs_a_phase_1():
