@@ -9,6 +9,7 @@
 # the settings it chose (the --set arguments given).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/records.sh
 PY=${PY:-.venv/bin/python}
 DATA=${1:?usage: bash $0 DATA_ROOT NAME [--set key=value ...]}
 NAME=${2:?usage: bash $0 DATA_ROOT NAME [--set key=value ...]}
@@ -25,7 +26,6 @@ fi
 OUTDIR=benchmarks/results/joint/$NAME
 mkdir -p "$OUTDIR"
 cp "$RUN"/{summary.md,metrics.json,config.json} "$OUTDIR"/
-# the record names the project's default data folder, not this machine's
-sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "$OUTDIR/config.json"
+record_root "$OUTDIR/config.json" "$DATA"
 "$PY" benchmarks/lever_table.py "$OUTDIR/metrics.json" > "$OUTDIR/table.md"
 cat "$OUTDIR/table.md"

@@ -9,6 +9,7 @@
 # "collect" copies the finished probes to benchmarks/results/levers/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/records.sh
 PY=${PY:-.venv/bin/python}
 DATA=${1:?usage: bash $0 DATA_ROOT (the cl/ split of Tiny-ImageNet) [a|b]}
 OUT=${OUT:-runs/levers}
@@ -69,15 +70,7 @@ queue_f() {
 
 collect() {  # each finished probe's metrics and config, and the table, into benchmarks/results/levers
   local dest=benchmarks/results/levers
-  mkdir -p "$dest"
-  for run in "$OUT"/*/metrics.json; do
-    local name
-    name=$(basename "$(dirname "$run")")
-    mkdir -p "$dest/$name"
-    cp "$run" "$(dirname "$run")/config.json" "$dest/$name/"
-    # the record names the project's default data folder, not this machine's
-    sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "$dest/$name/config.json"
-  done
+  collect_runs "$OUT" "$dest" "$DATA" config.json
   "$PY" benchmarks/lever_table.py "$dest"/*/metrics.json > "$dest/table.md"
 }
 

@@ -8,6 +8,7 @@
 # Usage: bash benchmarks/results.sh DATA_ROOT   (the cl/ split of Tiny-ImageNet: cl/train, cl/val)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/records.sh
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/results}
 DATA=${1:?usage: bash $0 DATA_ROOT (the cl/ split of Tiny-ImageNet)}
@@ -15,8 +16,7 @@ DATA=${1:?usage: bash $0 DATA_ROOT (the cl/ split of Tiny-ImageNet)}
   --output "$RUN" --set benchmark.root="$DATA" --compare sdlora_joint,sdlora_plain,sdlora_random
 mkdir -p benchmarks/results
 cp "$RUN"/{summary.md,metrics.json,accuracy_matrix.csv,pruning.csv,config.json} benchmarks/results/
-# the record names the project's default data folder, not this machine's
-sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "benchmarks/results/config.json"
+record_root "benchmarks/results/config.json" "$DATA"
 cp "$RUN"/plots/*.png benchmarks/results/
 "$PY" benchmarks/gate_stats.py --accuracy "$RUN/metrics.json" > benchmarks/results/gate_stats.md
 "$PY" benchmarks/compensation.py "$RUN/metrics.json" > benchmarks/results/compensation.md

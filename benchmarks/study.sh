@@ -16,6 +16,7 @@
 # Usage: bash benchmarks/study.sh DATA_ROOT PART   (DATA_ROOT: the cl/ split of Tiny-ImageNet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/records.sh
 PY=${PY:-.venv/bin/python}
 DATA=${1:?usage: bash $0 DATA_ROOT PART}
 PART=${2:?usage: bash $0 DATA_ROOT PART}
@@ -38,15 +39,7 @@ part() {  # part NAME STRATEGY COMPARE SEEDS
 
 table() {
   local dest=benchmarks/results/study
-  mkdir -p "$dest"
-  for run in "$OUT"/*/metrics.json; do
-    local name
-    name=$(basename "$(dirname "$run")")
-    mkdir -p "$dest/$name"
-    cp "$run" "$(dirname "$run")"/{config.json,summary.md} "$dest/$name/"
-    # the record names the project's default data folder, not this machine's
-    sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "$dest/$name/config.json"
-  done
+  collect_runs "$OUT" "$dest" "$DATA" config.json summary.md
   "$PY" benchmarks/study_table.py "$dest"/*/metrics.json > "$dest/table.md"
   cat "$dest/table.md"
 }

@@ -9,6 +9,7 @@
 # Usage: bash benchmarks/variants.sh DATA_ROOT   (the cl/ split of Tiny-ImageNet: cl/train, cl/val)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/records.sh
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/results_variants}
 DATA=${1:?usage: bash $0 DATA_ROOT (the cl/ split of Tiny-ImageNet)}
@@ -19,8 +20,7 @@ OUT=benchmarks/results/variants
 mkdir -p "$OUT"
 cp "$RUN"/{summary.md,metrics.json,accuracy_matrix.csv,absorption.csv,config.json} "$OUT"/
 cp "$RUN"/plots/*.png "$OUT"/
-# the record names the project's default data folder, not this machine's
-sed -i "s|\"root\": \"$DATA\"|\"root\": \"data/tiny-imagenet-200/cl\"|" "$OUT/config.json"
+record_root "$OUT/config.json" "$DATA"
 "$PY" benchmarks/absorption_stats.py "$RUN/metrics.json" > "$OUT/absorption.md"
 "$PY" benchmarks/params_vs_accuracy.py benchmarks/results/metrics.json "$RUN/metrics.json" \
   --output "$OUT/params_vs_accuracy_all.png" > "$OUT/params_vs_accuracy_all.md"
