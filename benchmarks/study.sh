@@ -12,7 +12,9 @@
 #   cumulative cumulative                       seed 0    about 60 min
 #   replay     replay                           seeds 1, 2 (a baseline within 2 points of an SD-LoRA row)
 #   peers      simplecil, ranpac                3 seeds   about 15 min (estimated: one pass, no training)
-#   table      benchmarks/results/study/: each part's metrics and config, and table.md
+#   growth_gain, growth_patience, growth_phase1   sdlora at issue 17's growth rules, 3 seeds each,
+#              about 60 min: sdlora.growth=gain; gain with sdlora.prune_patience=3; phase1
+#   table      benchmarks/results/study/: each part's metrics and config, table.md and survivors.md
 # Usage: bash benchmarks/study.sh DATA_ROOT PART   (DATA_ROOT: the cl/ split of Tiny-ImageNet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +24,9 @@ DATA=${1:?usage: bash $0 DATA_ROOT PART}
 PART=${2:?usage: bash $0 DATA_ROOT PART}
 OUT=${OUT:-runs/study}
 
-part() {  # part NAME STRATEGY COMPARE SEEDS
+part() {  # part NAME STRATEGY COMPARE SEEDS [--set KEY=VALUE ...]
   local name=$1 strategy=$2 compare=$3 seeds=$4
+  shift 4
   [ -f "$OUT/$name/metrics.json" ] && return 0
   if [ -d "$OUT/$name" ]; then
     "$PY" -m avalanche_sdlora.run --resume "$OUT/$name" >> "$OUT/$name.log" 2>&1
@@ -34,14 +37,15 @@ part() {  # part NAME STRATEGY COMPARE SEEDS
     --set benchmark.root="$DATA" --set experiment.strategy="$strategy" \
     --set experiment.compare="$compare" --set experiment.seeds="$seeds" \
     --set experiment.baseline_seeds="$seeds" \
-    --set experiment.workers=1 --set experiment.threads=1 > "$OUT/$name.log" 2>&1
+    --set experiment.workers=1 --set experiment.threads=1 "$@" > "$OUT/$name.log" 2>&1
 }
 
 table() {
   local dest=benchmarks/results/study
   collect_runs "$OUT" "$dest" "$DATA" config.json summary.md
   "$PY" benchmarks/study_table.py "$dest"/*/metrics.json > "$dest/table.md"
-  cat "$dest/table.md"
+  "$PY" benchmarks/survivors.py "$dest"/*/metrics.json > "$dest/survivors.md"
+  cat "$dest/table.md" "$dest/survivors.md"
 }
 
 mkdir -p "$OUT"
@@ -53,6 +57,11 @@ case "$PART" in
   cumulative) part cumulative cumulative "[]" "[0]" ;;
   replay) part replay replay "[]" "[1,2]" ;;
   peers) part peers simplecil '["ranpac"]' "[0,1,2]" ;;
+  growth_gain) part growth_gain sdlora "[]" "[0,1,2]" --set sdlora.growth=gain ;;
+  growth_patience)
+    part growth_patience sdlora "[]" "[0,1,2]" --set sdlora.growth=gain --set sdlora.prune_patience=3 ;;
+  growth_phase1) part growth_phase1 sdlora "[]" "[0,1,2]" --set sdlora.growth=phase1 ;;
   table) table ;;
-  *) echo "unknown part $PART: plain, variants, gated, baselines, cumulative, replay, peers or table" >&2; exit 2 ;;
+  *) echo "unknown part $PART: plain, variants, gated, baselines, cumulative, replay, peers," \
+    "growth_gain, growth_patience, growth_phase1 or table" >&2; exit 2 ;;
 esac

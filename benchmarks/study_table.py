@@ -8,7 +8,8 @@ Each row gives last accuracy and average forgetting (mean ± population std over
 the runner's summary), average incremental accuracy, the adapters active at the end, the trainable
 parameters at the end, the mean wall time of a run, and last accuracy minus ``head_only``'s: how
 much the method buys over a trained head. A second table gives every seed's last accuracy of the
-methods run on several.
+methods run on several. A part run with growth settings other than the defaults (issue 17's parts)
+names its gated rows by them, ``sdlora (growth=gain)``, so each setting is a row of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import statistics
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from avalanche_sdlora.runner.config import defaults
 
 CONTROL = "head_only"
 ORDER = (
@@ -38,6 +41,41 @@ ORDER = (
     "cumulative",
     "l2p",
 )
+GROWTH_SETTINGS = ("growth", "growth_gain", "prune_patience")
+
+
+def growth_label(config: Mapping[str, Any]) -> str:
+    """The growth settings of a run's config that differ from the method's defaults, as a row
+    name's suffix (empty for none); a config from before a setting existed has its default."""
+    default = defaults()["sdlora"]
+    chosen = config.get("sdlora", {})
+    changed = [
+        f"{name}={chosen[name]}"
+        for name in GROWTH_SETTINGS
+        if chosen.get(name, default[name]) != default[name]
+    ]
+    return f" ({', '.join(changed)})" if changed else ""
+
+
+def load_part(metrics_path: Path) -> dict[str, Any]:
+    """A part's ``metrics.json``; its gated rows (those with a decision table) are renamed by the
+    growth settings of the ``config.json`` beside it."""
+    metrics = json.loads(metrics_path.read_text())
+    config_path = metrics_path.with_name("config.json")
+    suffix = growth_label(json.loads(config_path.read_text())) if config_path.exists() else ""
+    methods = metrics["methods"]
+    metrics["methods"] = {
+        method + suffix
+        if all(report.get("pruning") for report in entry["seeds"].values())
+        else method: entry
+        for method, entry in methods.items()
+    }
+    return metrics
+
+
+def _rank(method: str) -> tuple[int, str]:
+    base = method.split(" (")[0]
+    return (ORDER.index(base) if base in ORDER else len(ORDER), method)
 
 
 def seeds_by_method(metrics: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Mapping]]:
@@ -50,7 +88,7 @@ def seeds_by_method(metrics: Iterable[Mapping[str, Any]]) -> dict[str, dict[str,
                 if seed in seeds:
                     raise ValueError(f"{method} seed {seed} appears in two parts")
                 seeds[seed] = report
-    ranked = sorted(gathered, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    ranked = sorted(gathered, key=_rank)
     return {method: gathered[method] for method in ranked}
 
 
@@ -114,7 +152,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json of each part")
     args = parser.parse_args(argv)
-    metrics = [json.loads(path.read_text()) for path in args.metrics]
+    metrics = [load_part(path) for path in args.metrics]
     text = f"{table(metrics)}\n\nLast accuracy (%) per seed:\n\n{per_seed(metrics)}"
     print(text)
     return text

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 from collections.abc import Iterable, Mapping
@@ -27,7 +26,7 @@ from typing import Any
 from avalanche_sdlora.pruning import experiences_without_growth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, run or loaded
-from study_table import seeds_by_method
+from study_table import load_part, seeds_by_method
 
 
 def survivors(decisions: Iterable[Mapping[str, Any]]) -> set[int]:
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", type=Path, help="metrics.json of each run or part")
     args = parser.parse_args(argv)
-    methods = gated(json.loads(path.read_text()) for path in args.metrics)
+    methods = gated(load_part(path) for path in args.metrics)
     text = (
         f"Surviving adapters per seed (adapter i: experience i's):\n\n{per_seed(methods)}\n\n"
         f"Overlap of the survivors across seeds:\n\n{overlap(methods)}"

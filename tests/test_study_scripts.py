@@ -186,6 +186,33 @@ def test_study_table_gathers_a_methods_seeds_over_parts_and_compares_with_head_o
         study_table.table([baselines, baselines])
 
 
+def test_a_part_at_other_growth_settings_names_its_gated_rows_by_them(tmp_path):
+    gated = {"pruning": [{"experience": 0, "adapter": 0, "pruned": False, "new": True}]}
+    part = {
+        "methods": {
+            "sdlora": {"seeds": {"0": dict(gated, last_accuracy=24.0)}},
+            "head_only": {"seeds": {"0": {"pruning": [], "last_accuracy": 22.0}}},
+        }
+    }
+    config = defaults()
+    config["sdlora"].update(growth="gain", prune_patience=3)
+    (tmp_path / "metrics.json").write_text(json.dumps(part))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = study_table.load_part(tmp_path / "metrics.json")
+    assert list(loaded["methods"]) == ["sdlora (growth=gain, prune_patience=3)", "head_only"]
+    # a config from before the growth settings existed, and one at the defaults, rename nothing
+    del config["sdlora"]["growth"], config["sdlora"]["prune_patience"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert list(study_table.load_part(tmp_path / "metrics.json")["methods"]) == [
+        "sdlora",
+        "head_only",
+    ]
+    # the renamed rows rank beside their method, and stay apart from the default rule's seeds
+    phase1 = {"methods": {"sdlora (growth=phase1)": {"seeds": {"0": gated}}}}
+    ranked = study_table.seeds_by_method([phase1, part])
+    assert list(ranked) == ["head_only", "sdlora", "sdlora (growth=phase1)"]
+
+
 def _decisions(table: dict[int, list[tuple[int, bool]]]) -> list[dict]:
     """A decision table: experience -> (adapter, pruned) rows; an experience's own adapter is new."""
     return [
