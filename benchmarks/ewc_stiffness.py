@@ -2,8 +2,8 @@
 
     python benchmarks/ewc_stiffness.py DATA_ROOT [--experiences 10] [--set key=value ...]
 
-Trains the runner's EWC baseline (exps/tiny_imagenet.json; ``--set baselines.ewc.mode=separate``
-for the mode that turned NaN) experience by experience and prints, after each, the largest
+Trains the runner's EWC baseline (exps/tiny_imagenet.json; ``--set baselines.ewc.max_stiffness=null``
+for Avalanche's EWC, which turned NaN, with ``--set baselines.ewc.mode=separate`` for its first mode) experience by experience and prints, after each, the largest
 importance its penalty carries (separate mode: ``max_i sum_k F_k[i]``; online mode: the decayed
 sum) and the ratio of the penalty's curvature to SGD-with-momentum's stability limit,
 ``lr * 2 * lambda * max F / (2 * (1 + momentum))``. Past 1 the penalty alone makes the parameter
@@ -16,6 +16,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 
 import torch
+from avalanche.training.plugins import EWCPlugin
 
 from avalanche_sdlora.runner.backbones import build_backbone
 from avalanche_sdlora.runner.baselines import make_baseline
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_mb_size=training["eval_batch_size"],
         device="cpu",
     )
-    ewc = next(p for p in strategy.plugins if type(p).__name__ == "EWCPlugin")
+    ewc = next(p for p in strategy.plugins if isinstance(p, EWCPlugin))
     limit = 2 * (1 + settings["momentum"])
     for index, experience in enumerate(benchmark.train_stream[: args.experiences]):
         strategy.train(experience)

@@ -8,7 +8,9 @@
 #   variants   sdlora_rr, sdlora_kd             3 seeds   about 50 min
 #   gated      sdlora, sdlora_random, sdlora_joint  3 seeds   about 80 min (the committed rows reuse
 #              the gate table of results.sh, checked: benchmarks/results/study/gated/README.md)
-#   baselines  naive, lwf, replay, l2p, ewc     seed 0    about 60 min
+#   baselines  naive, lwf, replay, l2p          seed 0    about 60 min (the committed part also ran
+#              EWC before its importance cap: the row ewc (max_stiffness=null), NaN from experience 6)
+#   ewc        ewc (importances capped below SGD's stability limit)   seed 0   about 20 min
 #   cumulative cumulative                       seed 0    about 60 min
 #   replay     replay                           seeds 1, 2 (a baseline within 2 points of an SD-LoRA row)
 #   peers      simplecil, ranpac                3 seeds   about 15 min (estimated: one pass, no training)
@@ -53,7 +55,8 @@ case "$PART" in
   plain) part plain sdlora_plain '["head_only"]' "[0,1,2]" ;;
   variants) part variants sdlora_rr '["sdlora_kd"]' "[0,1,2]" ;;
   gated) part gated sdlora '["sdlora_random","sdlora_joint"]' "[0,1,2]" ;;
-  baselines) part baselines naive '["lwf","replay","l2p","ewc"]' "[0]" ;;
+  baselines) part baselines naive '["lwf","replay","l2p"]' "[0]" ;;
+  ewc) part ewc ewc "[]" "[0]" ;;
   cumulative) part cumulative cumulative "[]" "[0]" ;;
   replay) part replay replay "[]" "[1,2]" ;;
   peers) part peers simplecil '["ranpac"]' "[0,1,2]" ;;
@@ -62,6 +65,6 @@ case "$PART" in
     part growth_patience sdlora "[]" "[0,1,2]" --set sdlora.growth=gain --set sdlora.prune_patience=3 ;;
   growth_phase1) part growth_phase1 sdlora "[]" "[0,1,2]" --set sdlora.growth=phase1 ;;
   table) table ;;
-  *) echo "unknown part $PART: plain, variants, gated, baselines, cumulative, replay, peers," \
+  *) echo "unknown part $PART: plain, variants, gated, baselines, ewc, cumulative, replay, peers," \
     "growth_gain, growth_patience, growth_phase1 or table" >&2; exit 2 ;;
 esac

@@ -9,7 +9,9 @@ the runner's summary), average incremental accuracy, the adapters active at the 
 parameters at the end, the mean wall time of a run, and last accuracy minus ``head_only``'s: how
 much the method buys over a trained head. A second table gives every seed's last accuracy of the
 methods run on several. A part run with growth settings other than the defaults (issue 17's parts)
-names its gated rows by them, ``sdlora (growth=gain)``, so each setting is a row of its own.
+names its gated rows by them, ``sdlora (growth=gain)``, so each setting is a row of its own; an EWC
+run without the importance cap (``baselines.ewc.max_stiffness``, or from before it) is
+``ewc (max_stiffness=null)``.
 """
 
 from __future__ import annotations
@@ -42,34 +44,57 @@ ORDER = (
     "l2p",
 )
 GROWTH_SETTINGS = ("growth", "growth_gain", "prune_patience")
+EWC_SETTINGS = ("max_stiffness",)
+BEFORE_EWC_CAP = {"max_stiffness": None}
+"""A config from before the cap existed ran Avalanche's EWC, uncapped."""
 
 
-def growth_label(config: Mapping[str, Any]) -> str:
-    """The growth settings of a run's config that differ from the method's defaults, as a row
-    name's suffix (empty for none); a config from before a setting existed has its default."""
-    default = defaults()["sdlora"]
-    chosen = config.get("sdlora", {})
-    changed = [
-        f"{name}={chosen[name]}"
-        for name in GROWTH_SETTINGS
-        if chosen.get(name, default[name]) != default[name]
-    ]
+def settings_label(
+    chosen: Mapping[str, Any],
+    default: Mapping[str, Any],
+    names: Iterable[str],
+    before: Mapping[str, Any] | None = None,
+) -> str:
+    """The settings ``names`` whose ``chosen`` value differs from ``default``, as a row name's
+    suffix (empty for none); a config from before a setting existed has the value ``before``
+    gives it, else its default."""
+    before = before or {}
+    changed = []
+    for name in names:
+        value = chosen.get(name, before.get(name, default[name]))
+        if value != default[name]:
+            changed.append(f"{name}={value if isinstance(value, str) else json.dumps(value)}")
     return f" ({', '.join(changed)})" if changed else ""
 
 
+def growth_label(config: Mapping[str, Any]) -> str:
+    """The growth settings of a run's config that differ from the method's defaults."""
+    return settings_label(config.get("sdlora", {}), defaults()["sdlora"], GROWTH_SETTINGS)
+
+
+def ewc_label(config: Mapping[str, Any]) -> str:
+    """EWC's cap, where a run's config differs from the default (or predates the cap)."""
+    chosen = config.get("baselines", {}).get("ewc", {})
+    default = defaults()["baselines"]["ewc"]
+    return settings_label(chosen, default, EWC_SETTINGS, BEFORE_EWC_CAP)
+
+
 def load_part(metrics_path: Path) -> dict[str, Any]:
-    """A part's ``metrics.json``; its gated rows (those with a decision table) are renamed by the
-    growth settings of the ``config.json`` beside it."""
+    """A part's ``metrics.json``, its rows renamed by the settings of the ``config.json`` beside it
+    that differ from the defaults: the gated rows (those with a decision table) by their growth
+    settings, EWC by its cap."""
     metrics = json.loads(metrics_path.read_text())
     config_path = metrics_path.with_name("config.json")
-    suffix = growth_label(json.loads(config_path.read_text())) if config_path.exists() else ""
-    methods = metrics["methods"]
-    metrics["methods"] = {
-        method + suffix
-        if all(report.get("pruning") for report in entry["seeds"].values())
-        else method: entry
-        for method, entry in methods.items()
-    }
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    growth = growth_label(config)
+    ewc = ewc_label(config) if config else ""  # no config: the names as they are
+
+    def name(method: str, entry: Mapping[str, Any]) -> str:
+        if all(report.get("pruning") for report in entry["seeds"].values()):
+            return method + growth
+        return method + ewc if method == "ewc" else method
+
+    metrics["methods"] = {name(m, entry): entry for m, entry in metrics["methods"].items()}
     return metrics
 
 

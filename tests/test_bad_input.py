@@ -50,6 +50,10 @@ CASES = [
         ["--set", "baselines.ranpac.validation_fraction=1"],
         "baselines.ranpac.validation_fraction: must be in (0, 1)",
     ),
+    (
+        ["--set", "baselines.ewc.max_stiffness=1.5"],
+        "baselines.ewc.max_stiffness: must be in (0, 1]: past 1 SGD cannot follow the penalty",
+    ),
 ]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from avalanche.training.plugins import EWCPlugin
 from conftest import make_small_vit
 
 from avalanche_sdlora.runner.baselines import make_baseline
@@ -140,8 +141,9 @@ def test_ewc_baseline_gets_the_configured_mode_and_decay(overrides, mode, decay)
         "ewc", make_small_vit(), settings, num_classes=4, train_mb_size=8, train_epochs=1,
         eval_mb_size=8, device="cpu",
     )  # fmt: skip
-    ewc = next(p for p in strategy.plugins if type(p).__name__ == "EWCPlugin")
+    ewc = next(p for p in strategy.plugins if isinstance(p, EWCPlugin))
     assert (ewc.mode, ewc.decay_factor, ewc.ewc_lambda) == (mode, decay, 5000.0)
+    assert ewc.cap == pytest.approx(0.5 * 1.9 / (1e-3 * 5000))  # half of SGD's limit: 0.19
 
 
 def test_ewc_stiffness_reads_every_importance_in_separate_mode_and_the_last_in_online_mode():
@@ -208,6 +210,17 @@ def test_a_part_at_other_growth_settings_names_its_gated_rows_by_them(tmp_path):
         "head_only",
     ]
     # the renamed rows rank beside their method, and stay apart from the default rule's seeds
+    # EWC: a config from before the importance cap ran Avalanche's EWC, uncapped
+    ewc = {"methods": {"ewc": {"seeds": {"0": {"pruning": [], "last_accuracy": 1.0}}}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(ewc))
+    del config["baselines"]["ewc"]["max_stiffness"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert list(study_table.load_part(tmp_path / "metrics.json")["methods"]) == [
+        "ewc (max_stiffness=null)"
+    ]
+    config = defaults()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert list(study_table.load_part(tmp_path / "metrics.json")["methods"]) == ["ewc"]
     phase1 = {"methods": {"sdlora (growth=phase1)": {"seeds": {"0": gated}}}}
     ranked = study_table.seeds_by_method([phase1, part])
     assert list(ranked) == ["head_only", "sdlora", "sdlora (growth=phase1)"]

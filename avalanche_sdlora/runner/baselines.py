@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 from avalanche.models import IncrementalClassifier
-from avalanche.training import EWC, LwF, Naive, Replay
+from avalanche.training import LwF, Naive, Replay
 from avalanche.training.supervised import Cumulative
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
+from avalanche_sdlora.runner.ewc import StableEWCPlugin, importance_cap
 from avalanche_sdlora.settings import OPTIMIZERS
 
 __all__ = ["FineTunedViT", "make_baseline", "make_optimizer"]
@@ -45,6 +46,32 @@ def make_optimizer(parameters, settings: Mapping[str, Any]) -> torch.optim.Optim
     extra = {"momentum": settings["momentum"]} if name == "sgd" else {}
     return OPTIMIZERS[name](
         parameters, lr=settings["lr"], weight_decay=settings["weight_decay"], **extra
+    )
+
+
+def ewc_plugin(settings: Mapping[str, Any]) -> StableEWCPlugin:
+    """Avalanche's EWC penalty from the ``baselines.ewc`` section, its importances capped at
+    ``max_stiffness`` of SGD's stability limit (:mod:`avalanche_sdlora.runner.ewc`); Adam and
+    AdamW scale their steps by the gradient's size, so no cap applies to them, nor where
+    ``max_stiffness`` is null."""
+    stable = (
+        settings["optimizer"] == "sgd"
+        and settings["ewc_lambda"] > 0
+        and settings["max_stiffness"] is not None
+    )
+    cap = (
+        importance_cap(
+            settings["lr"], settings["momentum"], settings["ewc_lambda"], settings["max_stiffness"]
+        )
+        if stable
+        else float("inf")
+    )
+    online = settings["mode"] == "online"
+    return StableEWCPlugin(
+        settings["ewc_lambda"],
+        cap=cap,
+        mode=settings["mode"],
+        decay_factor=settings["decay_factor"] if online else None,
     )
 
 
@@ -89,12 +116,8 @@ def make_baseline(
     if method == "naive":
         return Naive(**common)
     if method == "ewc":
-        online = settings["mode"] == "online"
-        return EWC(
-            **common,
-            ewc_lambda=settings["ewc_lambda"],
-            mode=settings["mode"],
-            decay_factor=settings["decay_factor"] if online else None,
+        return Naive(
+            **{**common, "plugins": [*(template.get("plugins") or []), ewc_plugin(settings)]}
         )
     if method == "lwf":
         return LwF(**common, alpha=settings["alpha"], temperature=settings["temperature"])

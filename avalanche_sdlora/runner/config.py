@@ -118,6 +118,10 @@ def _unit(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be in [0, 1]"
 
 
+def _share_of_limit(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]: past 1 SGD cannot follow the penalty"
+
+
 def _crop_scale(v: list) -> str | None:
     numbers = all(isinstance(x, _NUMBER) and not isinstance(x, bool) for x in v)
     if len(v) == 2 and numbers and 0 < v[0] <= v[1] <= 1:
@@ -518,6 +522,15 @@ SCHEMA: dict[str, dict[str, Setting | dict]] = {
                 _NUMBER,
                 "online mode: weight of the old importance, so the sum stays below max F / (1 - it)",
                 check=momentum,
+            ),
+            "max_stiffness": Setting(
+                0.5,
+                _NUMBER,
+                "SGD: every importance is capped so that its penalty's curvature is at most this "
+                "share of SGD's stability limit 2 (1 + momentum) / lr (past 1 the loss turns NaN); "
+                "null: no cap (Avalanche's EWC)",
+                nullable=True,
+                check=_share_of_limit,
             ),
         },
         "lwf": {
