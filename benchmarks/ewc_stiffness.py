@@ -72,11 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     limit = 2 * (1 + settings["momentum"])
     for index, experience in enumerate(benchmark.train_stream[: args.experiences]):
         strategy.train(experience)
-        loss = strategy.loss.item()
         stiffness, where = stiffest(penalty_importances(ewc.importances, index, settings["mode"]))
         ratio = settings["lr"] * 2 * settings["ewc_lambda"] * stiffness / limit
         print(
-            f"experience {index}: last step's loss {loss:.3f}; max sum_k F = {stiffness:.3g} "
+            f"experience {index}: max sum_k F = {stiffness:.3g} "
             f"({where}); curvature / SGD limit = {ratio:.2f}",
             flush=True,
         )
