@@ -77,9 +77,9 @@ class GumbelPruningPlugin(SDLoRAPlugin, supports_distributed=True):
         rule: str = "eval_beta",
         seed: int = 0,
         pruner: SelectionPruner | None = None,
-        growth: str = "always",
+        growth: str = "gain",
         growth_gain: float = 1.0,
-        patience: int = 1,
+        patience: int = 3,
     ):
         super().__init__()
         self.pruner = pruner or SelectionPruner(

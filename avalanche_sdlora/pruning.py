@@ -101,9 +101,9 @@ class SelectionPruner:
         tau: float | None = None,
         seed: int = 0,
         redraws: int = 20,
-        growth: str = "always",
+        growth: str = "gain",
         growth_gain: float = 1.0,
-        patience: int = 1,
+        patience: int = 3,
     ):
         for name, value, allowed in (
             ("rule", rule, PRUNING_RULES),
@@ -279,8 +279,15 @@ class RandomPruner(SelectionPruner):
     adapter always stays. The logged frequencies and betas are the gate's, for comparison.
     """
 
-    def __init__(self, counts: Mapping[int, int], seed: int = 0, **kwargs):
-        super().__init__(seed=seed, **kwargs)
+    def __init__(
+        self,
+        counts: Mapping[int, int],
+        seed: int = 0,
+        growth: str = "always",
+        patience: int = 1,
+        **kwargs,
+    ):
+        super().__init__(seed=seed, growth=growth, patience=patience, **kwargs)
         if self.growth != "always" or self.patience != 1:
             raise ValueError(
                 "RandomPruner takes growth='always' and patience=1: the counts it is given are "

@@ -26,7 +26,10 @@ import torch
 from avalanche_sdlora.gate import GumbelGate
 from avalanche_sdlora.pruning import SelectionPruner
 
-SEED_RULE = SelectionPruner(rule="frequency", num_samples=10, threshold=0.2)
+SEED_RULE = SelectionPruner(
+    rule="frequency", num_samples=10, threshold=0.2, growth="always", patience=1
+)
+"""The seed's rule: 10 draws, prune below 0.2, in one step."""
 
 
 def seed_rule_agreement(group: Sequence[Mapping], experience: int, tau_final: float) -> float:

@@ -8,8 +8,9 @@ Each row gives last accuracy and average forgetting (mean ± population std over
 the runner's summary), average incremental accuracy, the adapters active at the end, the trainable
 parameters at the end, the mean wall time of a run, and last accuracy minus ``head_only``'s: how
 much the method buys over a trained head. A second table gives every seed's last accuracy of the
-methods run on several. A part run with growth settings other than the defaults (issue 17's parts)
-names its gated rows by them, ``sdlora (growth=gain)``, so each setting is a row of its own; an EWC
+methods run on several. A part run with growth settings other than the defaults names its gated
+rows by them, ``sdlora (growth=always, prune_patience=1)``, so each setting is a row of its own (a
+config from before those settings existed ran ``always`` with patience 1); an EWC
 run without the importance cap (``baselines.ewc.max_stiffness``, or from before it) is
 ``ewc (max_stiffness=null)``.
 """
@@ -44,6 +45,8 @@ ORDER = (
     "l2p",
 )
 GROWTH_SETTINGS = ("growth", "growth_gain", "prune_patience")
+BEFORE_GROWTH = {"growth": "always", "growth_gain": 1.0, "prune_patience": 1}
+"""A config from before the growth settings existed kept every new adapter and pruned in one step."""
 EWC_SETTINGS = ("max_stiffness",)
 BEFORE_EWC_CAP = {"max_stiffness": None}
 """A config from before the cap existed ran Avalanche's EWC, uncapped."""
@@ -69,7 +72,8 @@ def settings_label(
 
 def growth_label(config: Mapping[str, Any]) -> str:
     """The growth settings of a run's config that differ from the method's defaults."""
-    return settings_label(config.get("sdlora", {}), defaults()["sdlora"], GROWTH_SETTINGS)
+    chosen, default = config.get("sdlora", {}), defaults()["sdlora"]
+    return settings_label(chosen, default, GROWTH_SETTINGS, BEFORE_GROWTH)
 
 
 def ewc_label(config: Mapping[str, Any]) -> str:

@@ -46,7 +46,7 @@ def main() -> None:
         train_epochs=args.epochs,
         evaluator=evaluator,
         lr=0.05,
-        plugins=[GumbelPruningPlugin(patience=args.patience)],
+        plugins=[GumbelPruningPlugin(patience=args.patience, growth="always")],
     )
     start = 0
     if args.checkpoint is not None:

@@ -73,7 +73,7 @@ def model_with_logits(logits, tau_final=0.5) -> SDLoRAViT:
 @pytest.mark.parametrize("rule", ["eval_beta", "frequency"])
 def test_a_decision_on_separated_logits_is_the_same_under_20_redraws(rule):
     model = model_with_logits([3.0, 0.0, -3.0, 3.0])
-    pruner = SelectionPruner(rule=rule, num_samples=200, seed=7)
+    pruner = SelectionPruner(rule=rule, num_samples=200, seed=7, patience=1)
     torch.manual_seed(1)
     decisions = pruner.decide(model, experience=3)
     torch.manual_seed(2)  # the decision never reads torch's global generator
@@ -178,7 +178,10 @@ class BuryTheNewAdapter(SupervisedPlugin):
 
 @pytest.mark.parametrize("protect", [True, False])
 def test_a_new_adapter_trains_before_it_can_be_pruned(protect):
-    strategy = make_strategy([BuryTheNewAdapter()], train_epochs=3, protect_new_adapter=protect)
+    always = GumbelPruningPlugin(growth="always")  # the protection alone decides
+    strategy = make_strategy(
+        [BuryTheNewAdapter(), always], train_epochs=3, protect_new_adapter=protect
+    )
     for experience in separable_benchmark().train_stream[:2]:
         strategy.train(experience)
     model = strategy.model

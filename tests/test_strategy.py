@@ -163,7 +163,9 @@ class ForceLogits(SupervisedPlugin):
 
 
 def test_pruning_removes_the_rarely_selected_adapter():
-    pruning = GumbelPruningPlugin(num_samples=20, threshold=0.2, rule="frequency")
+    pruning = GumbelPruningPlugin(
+        num_samples=20, threshold=0.2, rule="frequency", growth="always", patience=1
+    )
     strategy = make_strategy([ForceLogits(), pruning], train_epochs=2)
     model = strategy.model
     counts = []
@@ -188,7 +190,7 @@ def test_the_most_selected_adapter_is_never_pruned():
     model = SDLoRAViT(make_small_vit(), rank=2)
     for _ in range(4):
         model.add_adapter()
-    pruner = SelectionPruner(rule="frequency", num_samples=10, threshold=1.0)
+    pruner = SelectionPruner(rule="frequency", num_samples=10, threshold=1.0, patience=1)
     decisions = pruner.decide(model, experience=3)
     assert sum(not d.pruned for d in decisions) == 1
     pruner.apply(model, decisions)
@@ -330,7 +332,8 @@ def test_report_metrics_from_a_known_matrix():
 
 def test_gate_trace_records_alpha_and_beta_per_adapter_and_epoch():
     trace = GateTracePlugin()
-    strategy = make_strategy([trace], two_phase=False, train_epochs=2)
+    always = GumbelPruningPlugin(growth="always")  # the new adapter stays, to be consolidated
+    strategy = make_strategy([trace, always], two_phase=False, train_epochs=2)
     for experience in separable_benchmark().train_stream[:2]:
         strategy.train(experience)
     rows = trace.trace

@@ -197,14 +197,20 @@ def test_a_part_at_other_growth_settings_names_its_gated_rows_by_them(tmp_path):
         }
     }
     config = defaults()
-    config["sdlora"].update(growth="gain", prune_patience=3)
+    config["sdlora"].update(growth="phase1", prune_patience=2)
     (tmp_path / "metrics.json").write_text(json.dumps(part))
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = study_table.load_part(tmp_path / "metrics.json")
-    assert list(loaded["methods"]) == ["sdlora (growth=gain, prune_patience=3)", "head_only"]
-    # a config from before the growth settings existed, and one at the defaults, rename nothing
+    assert list(loaded["methods"]) == ["sdlora (growth=phase1, prune_patience=2)", "head_only"]
+    # a config from before the growth settings existed ran growth "always" with patience 1
     del config["sdlora"]["growth"], config["sdlora"]["prune_patience"]
     (tmp_path / "config.json").write_text(json.dumps(config))
+    assert list(study_table.load_part(tmp_path / "metrics.json")["methods"]) == [
+        "sdlora (growth=always, prune_patience=1)",
+        "head_only",
+    ]
+    # one at the defaults renames nothing
+    (tmp_path / "config.json").write_text(json.dumps(defaults()))
     assert list(study_table.load_part(tmp_path / "metrics.json")["methods"]) == [
         "sdlora",
         "head_only",
