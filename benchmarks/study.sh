@@ -15,7 +15,8 @@
 #   replay     replay                           seeds 1, 2 (a baseline within 2 points of an SD-LoRA row)
 #   peers      simplecil, ranpac                3 seeds   about 15 min (estimated: one pass, no training)
 #   growth_gain, growth_patience, growth_phase1   sdlora at issue 17's growth rules, 3 seeds each,
-#              about 60 min: sdlora.growth=gain; gain with sdlora.prune_patience=3; phase1
+#              about 60 min: sdlora.growth=gain; gain with sdlora.prune_patience=3 (the library's
+#              defaults); phase1. The config pins growth always and patience 1 (the gated part's rule)
 #   table      benchmarks/results/study/: each part's metrics and config, table.md and survivors.md
 # Usage: bash benchmarks/study.sh DATA_ROOT PART   (DATA_ROOT: the cl/ split of Tiny-ImageNet)
 set -euo pipefail
