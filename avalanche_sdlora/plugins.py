@@ -70,27 +70,16 @@ class GumbelPruningPlugin(SDLoRAPlugin, supports_distributed=True):
     when the experience starts, so the plugin may sit anywhere in the list.
     """
 
-    def __init__(
-        self,
-        num_samples: int = 200,
-        threshold: float = 0.2,
-        rule: str = "eval_beta",
-        seed: int = 0,
-        pruner: SelectionPruner | None = None,
-        growth: str = "gain",
-        growth_gain: float = 1.0,
-        patience: int = 3,
-    ):
+    def __init__(self, pruner: SelectionPruner | None = None, **settings: Any):
+        """``settings`` are :class:`~avalanche_sdlora.pruning.SelectionPruner`'s keywords (``rule``,
+        ``num_samples``, ``threshold``, ``seed``, ``growth``, ``growth_gain``, ``patience``, ...),
+        with its defaults; or give a ``pruner``, built already."""
         super().__init__()
-        self.pruner = pruner or SelectionPruner(
-            rule=rule,
-            num_samples=num_samples,
-            threshold=threshold,
-            seed=seed,
-            growth=growth,
-            growth_gain=growth_gain,
-            patience=patience,
-        )
+        if pruner is not None and settings:
+            raise ValueError(
+                f"give a pruner or its settings, not both: got a pruner and {sorted(settings)}"
+            )
+        self.pruner = pruner or SelectionPruner(**settings)
         self.history: list[AdapterDecision] = []
         self._experience = 0
 

@@ -2,10 +2,11 @@
 
     python benchmarks/ewc_stiffness.py DATA_ROOT [--experiences 10] [--set key=value ...]
 
-Trains the runner's EWC baseline (exps/tiny_imagenet.json; ``--set baselines.ewc.max_stiffness=null``
-for Avalanche's EWC, which turned NaN, with ``--set baselines.ewc.mode=separate`` for its first mode) experience by experience and prints, after each, the largest
-importance its penalty carries (separate mode: ``max_i sum_k F_k[i]``; online mode: the decayed
-sum) and the ratio of the penalty's curvature to SGD-with-momentum's stability limit,
+Trains the runner's EWC baseline (exps/tiny_imagenet.json; ``--set
+baselines.ewc.max_stiffness=null`` for Avalanche's EWC, which turned NaN, with ``--set
+baselines.ewc.mode=separate`` for its first mode) experience by experience and prints, after each,
+the largest importance its penalty carries (separate mode: ``max_i sum_k F_k[i]``; online mode:
+the decayed sum) and the ratio of the penalty's curvature to SGD-with-momentum's stability limit,
 ``lr * 2 * lambda * max F / (2 * (1 + momentum))``. Past 1 the penalty alone makes the parameter
 oscillate with growing amplitude, and the training loss soon turns NaN.
 """

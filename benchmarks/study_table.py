@@ -89,9 +89,10 @@ def load_part(metrics_path: Path) -> dict[str, Any]:
     settings, EWC by its cap."""
     metrics = json.loads(metrics_path.read_text())
     config_path = metrics_path.with_name("config.json")
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    growth = growth_label(config)
-    ewc = ewc_label(config) if config else ""  # no config: the names as they are
+    if not config_path.exists():  # no config: the names as they are
+        return metrics
+    config = json.loads(config_path.read_text())
+    growth, ewc = growth_label(config), ewc_label(config)
 
     def name(method: str, entry: Mapping[str, Any]) -> str:
         if all(report.get("pruning") for report in entry["seeds"].values()):

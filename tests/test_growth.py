@@ -152,6 +152,17 @@ def test_the_random_control_takes_no_growth_rule_or_patience(settings):
         RandomPruner({1: 1}, **settings)
 
 
+def test_the_plugin_decides_with_the_pruners_defaults_or_the_pruner_given():
+    pruner = GumbelPruningPlugin().pruner
+    assert (pruner.growth, pruner.growth_gain, pruner.patience) == ("gain", 1.0, 3)
+    assert (pruner.rule, pruner.num_samples, pruner.threshold) == ("eval_beta", 200, 0.2)
+    assert GumbelPruningPlugin(patience=1, growth="always").pruner.patience == 1
+    control = RandomPruner({1: 1})
+    assert GumbelPruningPlugin(pruner=control).pruner is control
+    with pytest.raises(ValueError, match=r"not both: got a pruner and \['patience'\]"):
+        GumbelPruningPlugin(pruner=control, patience=2)
+
+
 def decide_and_apply(pruner: SelectionPruner, model: SDLoRAViT, experience: int) -> list:
     decisions = pruner.decide(model, experience)
     pruner.apply(model, decisions)

@@ -227,6 +227,13 @@ def test_a_part_at_other_growth_settings_names_its_gated_rows_by_them(tmp_path):
     config = defaults()
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert list(study_table.load_part(tmp_path / "metrics.json")["methods"]) == ["ewc"]
+    # a part without a config keeps its names, gated rows included
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "metrics.json").write_text(json.dumps(part))
+    assert list(study_table.load_part(tmp_path / "metrics.json")["methods"]) == [
+        "sdlora",
+        "head_only",
+    ]
     phase1 = {"methods": {"sdlora (growth=phase1)": {"seeds": {"0": gated}}}}
     ranked = study_table.seeds_by_method([phase1, part])
     assert list(ranked) == ["head_only", "sdlora", "sdlora (growth=phase1)"]
